@@ -1,0 +1,161 @@
+"""Orbax checkpoints of a training run: the latest K for resuming, the best by validation
+accuracy for inference, and loading parameters without building an optimizer.
+
+Layout under a workdir:
+  checkpoints/<step>/{model,opt,meta}   latest K saves (resume)
+  best/<step>/{model,opt,meta}          the best validation checkpoint (inference)
+`model` holds params and batch statistics, `opt` the step and optimizer state, and
+`meta` (JSON) the early-stopping bookkeeping. The data position is not saved: it follows
+from the step (see hwrjax.train).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from hwrjax.errors import CheckpointError
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+def _options(max_to_keep: int, async_save: bool) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                        enable_async_checkpointing=async_save)
+
+
+def _model_tree(state: Any) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _opt_tree(state: Any) -> dict:
+    return {"step": state.step, "opt_state": state.opt_state}
+
+
+class Checkpointer:
+    """Saves and restores a TrainState plus JSON metadata in a workdir."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.latest = ocp.CheckpointManager(os.path.join(self.workdir, LATEST_DIR),
+                                            options=_options(keep, async_save),
+                                            item_names=("model", "opt", "meta"))
+        self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST_DIR),
+                                          options=_options(1, async_save),
+                                          item_names=("model", "opt", "meta"))
+
+    @staticmethod
+    def _args(state: Any, meta: dict) -> ocp.args.Composite:
+        return ocp.args.Composite(model=ocp.args.StandardSave(_model_tree(state)),
+                                  opt=ocp.args.StandardSave(_opt_tree(state)),
+                                  meta=ocp.args.JsonSave(meta))
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Saves a resumable checkpoint at `step` (asynchronously when enabled)."""
+        if step in self.latest.all_steps():
+            return
+        self.latest.save(step, args=self._args(state, meta), force=True)
+
+    def save_best(self, step: int, state: Any, meta: dict) -> None:
+        """Replaces the best checkpoint with the state at `step`."""
+        if step in self.best.all_steps():
+            return
+        self.best.save(step, args=self._args(state, meta), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore_latest(self, target_state: Any) -> tuple[Any, dict] | None:
+        """Restores the newest readable checkpoint into `target_state`'s structure and shardings.
+
+        Returns None when there is no checkpoint. A damaged checkpoint is reported with its
+        step and path and the next older one is tried; if none can be read, raises.
+        """
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        if not steps:
+            return None
+        abstract_model = jax.tree.map(ocp.utils.to_shape_dtype_struct, _model_tree(target_state))
+        abstract_opt = jax.tree.map(ocp.utils.to_shape_dtype_struct, _opt_tree(target_state))
+        for step in steps:
+            path = os.path.join(self.workdir, LATEST_DIR, str(step))
+            try:
+                restored = self.latest.restore(step, args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(abstract_model),
+                    opt=ocp.args.StandardRestore(abstract_opt),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # Orbax raises many types for damaged files.
+                logging.error("Checkpoint at step %d in %s is damaged (%s: %s); trying an older one.",
+                              step, path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                continue
+            state = target_state.replace(step=restored["opt"]["step"], opt_state=restored["opt"]["opt_state"],
+                                         params=restored["model"]["params"],
+                                         batch_stats=restored["model"]["batch_stats"])
+            return state, dict(restored["meta"] or {})
+        raise CheckpointError(f"no readable checkpoint in {os.path.join(self.workdir, LATEST_DIR)} "
+                              f"(tried steps {steps}); move the directory away to start over")
+
+    def wait(self) -> None:
+        """Blocks until every pending asynchronous save has finished."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self.latest.close()
+        self.best.close()
+
+
+def load_config(workdir: str):
+    """Reads the ConfigDict saved in `workdir/config.json`."""
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{workdir} holds no config.json; pass the workdir of a training run")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_variables(workdir: str, which: str | int = "best") -> tuple[dict, int]:
+    """Restores {'params', 'batch_stats'} (numpy) of the best, latest, or a given step's checkpoint.
+
+    No optimizer is built. Returns (variables, step).
+    """
+    if which == "best":
+        subdir = BEST_DIR
+    else:
+        subdir = LATEST_DIR
+    directory = epath.Path(workdir) / subdir
+    if not directory.exists() and which == "best":
+        directory = epath.Path(workdir) / LATEST_DIR
+        which = "latest"
+    if not directory.exists():
+        raise CheckpointError(f"{workdir} has no checkpoint; train first with "
+                              f"`python launch.py --config=... --workdir={workdir}`")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("model", "opt", "meta"))
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"{directory} holds no finished checkpoint; train first")
+    if which in ("best", "latest"):
+        step = max(steps)
+    else:
+        step = int(which)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {directory}; available: {sorted(steps)}")
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}); "
+                              "it may be damaged") from e
+    finally:
+        mngr.close()
+    model = restored["model"]
+    return {"params": model["params"], "batch_stats": model.get("batch_stats") or {}}, step

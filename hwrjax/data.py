@@ -1,0 +1,139 @@
+"""Dataset loading through tensorflow-datasets: whole splits as numpy arrays.
+
+MNIST-sized datasets fit on any device many times over, so each split is loaded once,
+kept on device, and batches are gathered inside the jitted step by index (see
+`hwrjax.train`). Batch order is then a pure function of (seed, epoch) and never of how
+far an iterator was advanced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from hwrjax.errors import ConfigError, DataError
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split held in host memory: uint8 images [N, 28, 28, 1] and int32 labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise DataError(f"split has {self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The train, validation and test splits plus the number of classes."""
+
+    train: Split
+    validation: Split | None
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """Keeps TensorFlow (used by tfds only) off the accelerators that JAX owns."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # Already initialized: nothing more to hide.
+        pass
+
+
+def _data_dir(config: Any) -> str | None:
+    return config.dataset.data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def get_builder(config: Any):
+    """Returns the tfds builder of `config.dataset.name`, checking name and image shape."""
+    import tensorflow_datasets as tfds
+
+    name = config.dataset.name
+    base = name.split("/")[0].split(":")[0]
+    if base not in tfds.list_builders():
+        raise ConfigError(f"unknown dataset {name!r}; set config.dataset.name to a tfds image "
+                          "classification dataset such as 'mnist', 'fashion_mnist', 'kmnist' or 'emnist/digits'")
+    data_dir = _data_dir(config)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for bad configs/versions.
+        raise ConfigError(f"cannot build dataset {name!r}: {e}; check config.dataset.name") from e
+    try:
+        image = builder.info.features["image"]
+    except (KeyError, TypeError):
+        image = None
+    if image is None or tuple(image.shape) != IMAGE_SHAPE:
+        shape = None if image is None else tuple(image.shape)
+        raise ConfigError(f"dataset {name!r} has images of shape {shape}, hwrjax needs {IMAGE_SHAPE}; "
+                          "pick a 28x28 greyscale dataset")
+    return builder
+
+
+def ensure_prepared(config: Any) -> Any:
+    """Makes sure the dataset is on disk (downloading when allowed); raises DataError otherwise."""
+    builder = get_builder(config)
+    if builder.is_prepared():
+        return builder
+    where = _data_dir(config) or "~/tensorflow_datasets"
+    if not config.dataset.download:
+        raise DataError(f"dataset {config.dataset.name!r} is not prepared in {where}; set TFDS_DATA_DIR "
+                        "(or config.dataset.data_dir) to a directory holding it, or set config.dataset.download=True")
+    logging.info("Dataset %s not found in %s; downloading it.", config.dataset.name, where)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        raise DataError(f"dataset {config.dataset.name!r} is not in {where} and could not be downloaded "
+                        f"({type(e).__name__}); set TFDS_DATA_DIR to a directory holding a prepared copy "
+                        "(e.g. one made by `tfds build mnist` on a machine with network)") from e
+    return builder
+
+
+def _load(builder: Any, split: str) -> Split:
+    import tensorflow_datasets as tfds
+
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    return Split(images=np.asarray(data["image"], np.uint8), labels=np.asarray(data["label"], np.int32))
+
+
+def load_splits(config: Any) -> Splits:
+    """Loads train (minus the validation carve-out), validation and test as numpy arrays."""
+    hide_gpus_from_tensorflow()
+    builder = ensure_prepared(config)
+    splits = builder.info.splits
+    test_base = config.dataset.test_split.split("[")[0]
+    if "train" not in splits or test_base not in splits:
+        raise ConfigError(f"dataset {config.dataset.name!r} has splits {sorted(splits)}; "
+                          f"set config.dataset.test_split to one of them")
+    num_train = splits["train"].num_examples
+    val = int(config.dataset.validation_size)
+    if val < 0 or val >= num_train:
+        raise ConfigError(f"config.dataset.validation_size must be in [0, {num_train}), got {val}")
+    # The validation examples are the last `val` of the official train split: a fixed,
+    # documented carve-out that every run (and every seed) shares.
+    limit = int(config.dataset.limit_train)
+    train_end = min(num_train - val, limit) if limit > 0 else num_train - val
+    train = _load(builder, f"train[:{train_end}]")
+    validation = _load(builder, f"train[{num_train - val}:]") if val else None
+    test = _load(builder, config.dataset.test_split)
+    label = builder.info.features["label"]
+    names = tuple(label.names) if getattr(label, "names", None) else tuple(str(i) for i in range(label.num_classes))
+    logging.info("Loaded %s: %d train, %d validation, %d test examples.", config.dataset.name,
+                 len(train), len(validation) if validation else 0, len(test))
+    return Splits(train=train, validation=validation, test=test, num_classes=int(label.num_classes),
+                  class_names=names)

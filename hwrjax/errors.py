@@ -1,0 +1,17 @@
+"""Errors meant for people: each message is one line naming the problem and the fix."""
+
+
+class HwrjaxError(Exception):
+    """Base class of every error hwrjax raises on purpose."""
+
+
+class ConfigError(HwrjaxError, ValueError):
+    """A config value is missing, unknown or out of range."""
+
+
+class DataError(HwrjaxError):
+    """A dataset cannot be found or has the wrong shape."""
+
+
+class CheckpointError(HwrjaxError):
+    """A checkpoint or workdir cannot be used as asked."""

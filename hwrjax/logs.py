@@ -1,0 +1,85 @@
+"""Metric logging from process 0: metrics.jsonl, TensorBoard events, absl logs, a progress display."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+
+
+class MetricLogger:
+    """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log."""
+
+    def __init__(self, workdir: str, enabled: bool = True, total_steps: int = 0, progress: bool = False):
+        self.workdir = workdir
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._file = None
+        self._tb = None
+        self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if progress:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                      TimeRemainingColumn(), TextColumn("{task.description}"), transient=False)
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total_steps)
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        return False
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        """Records one row of scalar metrics at `step`."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": int(step), **row}) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        logging.info("step %d: %s", step, text)
+        if self._progress is not None and self._task is not None:
+            summary = ", ".join(f"{k.replace('train_', '')} {row[k]:.4f}" for k in
+                                ("train_loss", "train_accuracy", "val_accuracy") if k in row)
+            self._progress.update(self._task, completed=step, **({"description": summary} if summary else {}))
+
+    def write_image(self, tag: str, image, step: int) -> None:
+        """Records an HWC uint8 image in TensorBoard."""
+        if self.enabled:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def write_report(self, name: str, report: dict) -> str:
+        """Writes `report` as JSON to WORKDIR/report/NAME atomically and returns the path."""
+        path = os.path.join(self.workdir, "report", name)
+        if self.enabled:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(path + ".tmp", path)
+        return path
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,211 @@
+"""Digit classifiers in flax.linen: MLP, ConvNet and ResNet, chosen by name.
+
+Every model maps images [B, H, W, C] with values in [0, 1] to logits [B, num_classes]
+and takes `train: bool` so BatchNorm and dropout know the mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from hwrjax.errors import ConfigError
+
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "relu": nn.relu,
+    "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.01),
+    "elu": nn.elu,
+    "gelu": nn.gelu,
+}
+
+POOLS = {"max": nn.max_pool, "avg": nn.avg_pool}
+
+
+def get_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """Returns the activation function called `name`."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation {name!r}; set config.model.activation to one of {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+def _check_pool(name: str) -> None:
+    if name not in POOLS:
+        raise ConfigError(f"unknown pooling {name!r}; set config.model.pooling to one of {sorted(POOLS)}")
+
+
+class MLP(nn.Module):
+    """Flattened image -> dense hidden layers -> logits."""
+
+    num_classes: int = 10
+    hidden_sizes: Sequence[int] = (256,)
+    activation: str = "relu"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        act = get_activation(self.activation)
+        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        for width in self.hidden_sizes:
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class ConvNet(nn.Module):
+    """Conv-pool stages, then dense layers (Conv32-Pool-Conv64-Pool-Dense64-Dense10 by default)."""
+
+    num_classes: int = 10
+    conv_widths: Sequence[int] = (32, 64)
+    dense_widths: Sequence[int] = (64,)
+    kernel_size: int = 3
+    activation: str = "relu"
+    pooling: str = "max"
+    dropout_rate: float = 0.0
+    batch_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        act = get_activation(self.activation)
+        _check_pool(self.pooling)
+        pool = POOLS[self.pooling]
+        x = x.astype(self.dtype)
+        k = (self.kernel_size, self.kernel_size)
+        for width in self.conv_widths:
+            x = nn.Conv(width, k, padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype)(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+            x = pool(act(x), (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        for width in self.dense_widths:
+            x = act(nn.Dense(width, dtype=self.dtype)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation residual block: act(BN(conv(act(BN(conv x)))) + shortcut(x))."""
+
+    width: int
+    stride: int
+    act: Callable[[jnp.ndarray], jnp.ndarray]
+    norm: Callable[..., nn.Module]
+    conv: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = (self.stride, self.stride)
+        y = self.act(self.norm()(self.conv(self.width, (3, 3), s)(x)))
+        # Zero-init of the last BN scale makes each block start as the identity.
+        y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.width, (3, 3))(y))
+        if x.shape[-1] != self.width or self.stride != 1:
+            x = self.norm()(self.conv(self.width, (1, 1), s, name="projection")(x))
+        return self.act(y + x)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block: conv(act(BN(conv(act(BN x))))) + shortcut(x)."""
+
+    width: int
+    stride: int
+    act: Callable[[jnp.ndarray], jnp.ndarray]
+    norm: Callable[..., nn.Module]
+    conv: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = (self.stride, self.stride)
+        pre = self.act(self.norm()(x))
+        y = self.conv(self.width, (3, 3), s)(pre)
+        y = self.conv(self.width, (3, 3))(self.act(self.norm()(y)))
+        if x.shape[-1] != self.width or self.stride != 1:
+            x = self.conv(self.width, (1, 1), s, name="projection")(pre)
+        return y + x
+
+
+BLOCKS = {"basic": BasicBlock, "preact": PreActBlock}
+
+
+class ResNet(nn.Module):
+    """Stem conv, stages of residual blocks (y = F(x) + x), global average pool, dense."""
+
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2)
+    stage_widths: Sequence[int] = (32, 64, 128)
+    stem_width: int = 32
+    block: str = "basic"
+    activation: str = "relu"
+    pooling: str = "avg"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.block not in BLOCKS:
+            raise ConfigError(f"unknown block {self.block!r}; set config.model.block to one of {sorted(BLOCKS)}")
+        if len(self.stage_sizes) != len(self.stage_widths):
+            raise ConfigError("config.model.stage_sizes and config.model.stage_widths must have the same length")
+        _check_pool(self.pooling)
+        act = get_activation(self.activation)
+        conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
+                                 kernel_init=nn.initializers.kaiming_normal())
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                                 epsilon=1e-5, dtype=self.dtype)
+        block_cls = BLOCKS[self.block]
+        x = conv(self.stem_width, (3, 3), name="stem")(x.astype(self.dtype))
+        if self.block == "basic":
+            x = act(norm(name="stem_bn")(x))
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+            for j in range(size):
+                stride = 2 if i > 0 and j == 0 else 1
+                x = block_cls(width, stride, act=act, norm=norm, conv=conv)(x)
+        if self.block == "preact":
+            x = act(norm(name="final_bn")(x))
+        # Global pooling over the spatial axes; `pooling` picks mean or max.
+        x = jnp.mean(x, axis=(1, 2)) if self.pooling == "avg" else jnp.max(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "convnet": ConvNet, "resnet": ResNet}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def create_model(model_config: Any, num_classes: int, dtype: str = "float32") -> nn.Module:
+    """Builds the model named by `model_config.name` with the config's other fields as arguments."""
+    fields = dict(model_config)
+    name = fields.pop("name", None)
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; set config.model.name to one of {sorted(MODELS)}")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; set config.dtype to one of {sorted(_DTYPES)}")
+    cls = MODELS[name]
+    allowed = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "dtype"}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ConfigError(f"config.model has fields {unknown} that model {name!r} does not take; "
+                          f"it takes {sorted(allowed)}")
+    for key, value in fields.items():
+        if isinstance(value, (list, tuple)):
+            fields[key] = tuple(value)
+            if any((not isinstance(v, int)) or v <= 0 for v in value):
+                raise ConfigError(f"config.model.{key} must hold positive integers, got {value}")
+        elif key == "dropout_rate" and not 0.0 <= value < 1.0:
+            raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {value}")
+        elif key in ("stem_width", "kernel_size") and value <= 0:
+            raise ConfigError(f"config.model.{key} must be positive, got {value}")
+    model = cls(num_classes=num_classes, dtype=_DTYPES[dtype], **fields)
+    if "activation" in fields:
+        get_activation(fields["activation"])
+    if "pooling" in fields:
+        _check_pool(fields["pooling"])
+    if "block" in fields and fields["block"] not in BLOCKS:
+        raise ConfigError(f"unknown block {fields['block']!r}; set config.model.block to one of {sorted(BLOCKS)}")
+    return model

@@ -1,0 +1,36 @@
+"""Device mesh and host-to-device placement for data parallel training."""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+from hwrjax.errors import ConfigError
+
+MODES = ("jit",)
+
+
+def make_mesh() -> Mesh:
+    """A 1-D ('data',) mesh over every device of every process."""
+    # jax.make_mesh defaults to explicit axis types, which Linen steps do not expect.
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def put_replicated(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Places the same host array on every device of `sharding` (all processes pass equal data)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def check_same_config_across_processes(config_json: str) -> None:
+    """Raises ConfigError if the processes of a multi-process run were given different configs."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(config_json.encode()).digest()[:8], np.uint32)
+    all_digests = multihost_utils.process_allgather(digest)
+    if not np.all(all_digests == all_digests[0]):
+        raise ConfigError("the processes of this run were given different configs; "
+                          "launch every process with the same --config and overrides")

@@ -1,0 +1,642 @@
+"""Turn photos and scans of handwritten digits into MNIST-style 28x28 arrays.
+
+MNIST digits are white ink (1.0) on black (0.0); the digit is scaled so the
+longer side of its bounding box is 20 px (aspect ratio kept, anti-aliased) and
+pasted into a 28x28 field with an integer shift that puts its centre of mass at
+pixel (14, 14) (row, column; so the centre of mass lies in [13.5, 14.5]).
+A photo of a digit on paper is dark ink on light, unevenly lit, noisy paper.
+
+Pipeline (`to_mnist`):
+  1. grey conversion; large inputs are area-downscaled to a working size of
+     about `WORK_PIXELS` pixels for segmentation;
+  2. polarity: the paper is taken to be the median of a thin border ring; the
+     ink is the side (darker or lighter) with the larger extreme deviation;
+  3. background removal: a grey-level morphological opening of the
+     ink-positive image (window = half the shorter side) follows smooth
+     lighting gradients but not strokes; it is subtracted;
+  4. Otsu threshold (never below 4 robust noise sigmas) on a lightly smoothed
+     copy gives the ink mask; connected components much smaller than the
+     largest are dropped as specks; too little contrast raises `NoInkError`;
+  5. grey levels are kept: the ink strength is rescaled so stroke cores are
+     ~1.0, zeroed outside a slightly dilated mask;
+  6. very thin strokes (below ~1.5 px once scaled to 20 px) are thickened;
+  7. crop to the ink bounding box, resize the longer side to 20 px with
+     Lanczos, paste into 28x28 by centre of mass.
+
+`split_digits` runs the same segmentation, groups connected components into
+digits and cuts over-wide components; see its docstring for the limits.
+
+Known limits: the paper must fill the frame (a dark table around the sheet
+confuses polarity and background); a single digit is assumed to be the
+dominant ink in the image (ruled lines, text or large smudges are kept as ink);
+sharp-edged shadows are not removed; digits smaller than ~20 px after the
+working-size downscale lose detail.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Union
+
+from absl import logging
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+__all__ = [
+    "ImageError",
+    "NoInkError",
+    "MAX_PIXELS",
+    "load_image",
+    "to_mnist",
+    "split_digits",
+]
+
+# Largest image (width * height) `load_image` will decode; checked on the header.
+MAX_PIXELS = 40_000_000
+# Segmentation runs on an area-downscaled copy of at most about this many pixels.
+WORK_PIXELS = 400_000
+
+MNIST_SIZE = 28
+MNIST_BOX = 20
+_CENTRE = 14  # MNIST puts the centre of mass at pixel index 14 (row and column).
+
+_MIN_CONTRAST = 0.06  # weakest ink-vs-paper difference accepted, on a [0, 1] scale
+_NOISE_SIGMAS = 6.0  # ink must stand this many noise sigmas above the paper
+_SPECK_FRACTION = 0.04  # components below this fraction of the largest are specks
+_MIN_STROKE = 1.5  # thinner strokes (px, at the 20 px box) are thickened ...
+_TARGET_STROKE = 2.0  # ... to about this width
+_BBOX_EPS = 0.02  # ink strength counted as ink for the bounding box
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
+
+
+class ImageError(ValueError):
+    """The input cannot be turned into a digit image; the message says why and what to do."""
+
+
+class NoInkError(ImageError):
+    """The image contains no detectable ink (blank, or too faint / low contrast)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(source: ImageSource) -> np.ndarray:
+    """Reads an image file, bytes or binary stream into a float32 grey array in [0, 1]."""
+    fp, name = _open_source(source)
+    try:
+        header = _read_header(fp, name)
+        if header is not None:
+            _check_size(header.size, name)
+        fp.seek(0)
+        try:
+            im = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageError(
+                f"{name} is not an image Pillow can read; save it as PNG, JPEG or BMP"
+            ) from None
+        except Image.DecompressionBombError:
+            # Only reachable when MAX_PIXELS was raised above Pillow's own guard.
+            raise ImageError(
+                f"{name} is larger than Pillow's pixel limit; downscale it first"
+            ) from None
+        _check_size(im.size, name)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ImageError(
+                f"{name} is corrupt or truncated ({e}); re-export or re-download the file"
+            ) from None
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception as e:  # A malformed EXIF block must not make the image unreadable.
+            logging.warning("Ignoring unusable EXIF orientation in %s: %s", name, e)
+        return _pil_to_grey(im)
+    finally:
+        fp.close()
+
+
+def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
+    """Returns a seekable binary stream for `source` and a name for messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError("image data is empty (0 bytes); pass the bytes of an image file")
+        return io.BytesIO(data), "image data"
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        name = f"image file {path!r}"
+        if not os.path.exists(path):
+            raise ImageError(f"cannot read {name}: no such file; check the path")
+        if os.path.isdir(path):
+            raise ImageError(f"cannot read {name}: it is a directory; pass an image file")
+        try:
+            fp = open(path, "rb")
+        except OSError as e:
+            raise ImageError(
+                f"cannot read {name}: {e.strerror or e}; check the file permissions"
+            ) from None
+        if os.fstat(fp.fileno()).st_size == 0:
+            fp.close()
+            raise ImageError(f"{name} is empty (0 bytes); pass a non-empty image file")
+        return fp, name
+    if hasattr(source, "read"):
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError("image stream must be opened in binary mode ('rb')")
+        if not data:
+            raise ImageError("image stream is empty (0 bytes); pass an image file's bytes")
+        return io.BytesIO(bytes(data)), "image stream"
+    raise TypeError(
+        f"load_image takes a path, bytes or a binary stream, not {type(source).__name__}"
+    )
+
+
+def _read_header(fp: BinaryIO, name: str) -> Image.Image | None:
+    """Identifies the format and parses only the header (no pixel data, no bomb guard).
+
+    Returns None when no registered Pillow format accepts the data, in which case
+    `Image.open` gets the final say. This mirrors how `Image.open` picks a plugin,
+    so that our own `MAX_PIXELS` check runs before Pillow's decompression-bomb check.
+    """
+    fp.seek(0)
+    prefix = fp.read(16)
+    try:
+        registry_loaders = (Image.preinit, Image.init)
+        registry = Image.OPEN
+        format_ids = Image.ID
+    except AttributeError:  # Pillow internals moved; fall back to Image.open.
+        return None
+    tried: set[str] = set()
+    for loader in registry_loaders:
+        loader()
+        for fmt in tuple(format_ids):
+            if fmt in tried or fmt not in registry:
+                continue
+            tried.add(fmt)
+            factory, accept = registry[fmt]
+            try:
+                accepted = accept is None or accept(prefix)
+                if not accepted or isinstance(accepted, str):
+                    continue
+                fp.seek(0)
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+                continue
+    return None
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    """Raises ImageError for a 0-pixel image or one over MAX_PIXELS."""
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name} is empty ({w}x{h} pixels); pass an image with content")
+    limit = MAX_PIXELS
+    if w * h > limit:
+        raise ImageError(
+            f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the "
+            f"{limit / 1e6:g} MP limit (hwrjax.preprocess.MAX_PIXELS); downscale it first"
+        )
+
+
+def _pil_to_grey(im: Image.Image) -> np.ndarray:
+    """Converts any Pillow image to float32 grey in [0, 1], compositing alpha on white."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.float32)
+        return np.clip(a / (65535.0 if a.max(initial=0) > 255 else 255.0), 0, 1)
+    if mode == "F":
+        a = np.asarray(im).astype(np.float32)
+        a = np.nan_to_num(a)
+        top = float(a.max(initial=0))
+        return np.clip(a / top if top > 1 else a, 0, 1)
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
+        alpha = rgba[..., 3:4]
+        rgb = rgba[..., :3] * alpha + (1.0 - alpha)  # composite on white paper
+        return _luma(rgb)
+    return np.asarray(im.convert("L")).astype(np.float32) / 255.0
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of an (..., 3) array (same weights as Pillow's 'L')."""
+    return (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(np.float32)
+
+
+def _as_grey(image: np.ndarray) -> np.ndarray:
+    """Validates an array image and returns float32 grey in [0, 1]."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        if a.dtype == np.uint8:
+            a = a.astype(np.float32) / 255.0
+        a = a.astype(np.float32)
+        if a.shape[-1] == 4:
+            alpha = np.clip(a[..., 3:4], 0, 1)
+            a = a[..., :3] * alpha + (1.0 - alpha)
+        a = _luma(a[..., :3])
+    if a.ndim != 2:
+        raise ImageError(
+            f"expected a 2-D grey or (H, W, 3|4) colour image, got shape {a.shape}; "
+            "use load_image to read files"
+        )
+    if a.size == 0:
+        raise ImageError(f"image is empty (shape {a.shape}); pass an image with content")
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ImageError("image contains NaN or infinite values; clean the array first")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 1:
+        # Integer-valued or out-of-range floats: assume 0..255, else stretch.
+        if lo >= 0 and hi <= 255:
+            a = a / 255.0
+        else:
+            a = (a - lo) / max(hi - lo, 1e-12)
+    return a
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@dataclass
+class _Ink:
+    """Segmentation of one image at working resolution."""
+
+    soft: np.ndarray  # float32 ink strength in [0, 1], 0 away from kept ink
+    mask: np.ndarray  # bool binarized ink, specks removed
+    labels: np.ndarray  # int32 connected-component labels of `mask` (8-connected)
+    count: int  # number of components in `labels`
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """Resizes a float array to shape (rows, cols) with Pillow."""
+    h, w = shape
+    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((w, h), resample), dtype=np.float32)
+
+
+def _to_working_size(grey: np.ndarray) -> np.ndarray:
+    """Area-downscales images larger than WORK_PIXELS."""
+    h, w = grey.shape
+    if h * w <= WORK_PIXELS:
+        return grey
+    f = (WORK_PIXELS / (h * w)) ** 0.5
+    return _resize(grey, (max(1, round(h * f)), max(1, round(w * f))), Image.Resampling.BOX)
+
+
+def _ink_is_light(grey: np.ndarray) -> bool:
+    """True for light ink on dark paper (MNIST polarity), False for dark ink on light."""
+    h, w = grey.shape
+    smooth = ndimage.gaussian_filter(grey, 1.0) if min(h, w) >= 8 else grey
+    bw = max(1, round(0.04 * min(h, w)))
+    ring = np.concatenate(
+        [smooth[:bw].ravel(), smooth[-bw:].ravel(), smooth[:, :bw].ravel(), smooth[:, -bw:].ravel()]
+    )
+    paper = float(np.median(ring))
+    darker = paper - float(np.percentile(smooth, 0.5))
+    lighter = float(np.percentile(smooth, 99.5)) - paper
+    return lighter > darker
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        return hi
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    p = hist.astype(np.float64) / hist.sum()
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    mt = m0[-1]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 - m0) ** 2 / (w0 * w1)
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def _segment(grey: np.ndarray) -> _Ink:
+    """Finds the ink: polarity, background removal, Otsu, speck removal, soft levels."""
+    g = _to_working_size(grey)
+    h, w = g.shape
+    short = min(h, w)
+    ink_pos = g if _ink_is_light(g) else 1.0 - g  # ink high, paper low
+
+    sigma = max(1.0, short / 150.0) if short >= 8 else 0.0
+    smooth = ndimage.gaussian_filter(ink_pos, sigma) if sigma else ink_pos
+    win = max(3, short // 2)
+    background = ndimage.grey_opening(smooth, size=(win, win), mode="reflect")
+    for _ in range(2):  # ~triangular smoothing, O(1) per pixel whatever the window
+        background = ndimage.uniform_filter(background, max(1, win // 2), mode="nearest")
+    raw = ink_pos - background
+    strength = smooth - background
+
+    med = float(np.median(strength))
+    noise = 1.4826 * float(np.median(np.abs(strength - med)))
+    if float(strength.max()) - med < _MIN_CONTRAST:
+        raise NoInkError(
+            "no ink found: the image is blank or the strokes are too faint; "
+            "photograph darker, thicker strokes under even light"
+        )
+    threshold = max(_otsu(strength.ravel()), med + 4.0 * noise)
+    mask = strength > threshold
+    if mask.any():
+        contrast = float(np.percentile(strength[mask], 90)) - med
+    else:
+        contrast = 0.0
+    if contrast < max(_MIN_CONTRAST, _NOISE_SIGMAS * noise):
+        raise NoInkError(
+            f"no ink found: best ink contrast {contrast:.3f} is too low against paper noise "
+            f"{noise:.3f}; photograph darker, thicker strokes under even light"
+        )
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    areas[0] = 0
+    min_area = max(2.0, _SPECK_FRACTION * float(areas.max()), (short / 100.0) ** 2)
+    keep = areas >= min_area
+    keep[0] = False
+    mask = keep[labels]
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+
+    floor = med + 2.0 * noise
+    level = float(np.percentile(raw[mask], 90))
+    soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
+    reach = max(1, round(short / 100.0))
+    gate = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)
+    soft = np.where(gate, soft, 0.0).astype(np.float32)
+    return _Ink(soft=soft, mask=mask, labels=labels.astype(np.int32), count=int(count))
+
+
+# --------------------------------------------------------------------------- MNIST layout
+
+
+def _bbox(a: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(row0, row1, col0, col1), end-exclusive, of the nonzero/True region, or None."""
+    rows = np.flatnonzero(a.any(axis=1))
+    cols = np.flatnonzero(a.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """Rough stroke width in px: area / half the boundary length."""
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    boundary = area - int(inner.sum())
+    return area / max(boundary / 2.0, 1.0)
+
+
+def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Crops the ink, scales its longer side to 20 px and centres it by mass in 28x28."""
+    box = _bbox(soft > _BBOX_EPS)
+    if box is None:
+        raise NoInkError(
+            "no ink found after cleaning; photograph darker, thicker strokes under even light"
+        )
+    r0, r1, c0, c1 = box
+    scale = MNIST_BOX / max(r1 - r0, c1 - c0)
+
+    width_out = _stroke_width(mask) * scale
+    if 0 < width_out < _MIN_STROKE:
+        # Thin pen on a big digit: thicken so the 20 px digit has MNIST-like strokes.
+        radius = (_TARGET_STROKE - width_out) / (2.0 * scale)
+        rad = int(np.ceil(radius))
+        yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
+        disk = (yy**2 + xx**2) <= radius**2 + 0.25
+        pad = rad + 1
+        padded = np.pad(soft, pad)
+        thick = ndimage.grey_dilation(padded, footprint=disk)
+        soft = thick
+        r0, r1, c0, c1 = _bbox(soft > _BBOX_EPS)
+        scale = MNIST_BOX / max(r1 - r0, c1 - c0)
+
+    crop = np.where(soft[r0:r1, c0:c1] > _BBOX_EPS, soft[r0:r1, c0:c1], 0.0)
+    h, w = crop.shape
+    out_h = min(MNIST_BOX, max(1, round(h * scale)))
+    out_w = min(MNIST_BOX, max(1, round(w * scale)))
+    if (out_h, out_w) != (h, w):
+        crop = np.clip(_resize(crop, (out_h, out_w), Image.Resampling.LANCZOS), 0.0, 1.0)
+
+    canvas = np.zeros((2 * MNIST_SIZE, 2 * MNIST_SIZE), np.float32)
+    top = (canvas.shape[0] - out_h) // 2
+    left = (canvas.shape[1] - out_w) // 2
+    canvas[top : top + out_h, left : left + out_w] = crop
+    if canvas.sum() <= 0:
+        raise NoInkError("no ink left after scaling; the digit strokes are too faint or thin")
+    cy, cx = ndimage.center_of_mass(canvas)
+    y0 = int(round(cy)) - _CENTRE
+    x0 = int(round(cx)) - _CENTRE
+    return np.ascontiguousarray(canvas[y0 : y0 + MNIST_SIZE, x0 : x0 + MNIST_SIZE])
+
+
+def to_mnist(image: np.ndarray) -> np.ndarray:
+    """Converts a grey/RGB image of one digit (any polarity) to a 28x28 float32 MNIST digit."""
+    ink = _segment(_as_grey(image))
+    return _layout(ink.soft, ink.mask)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+@dataclass
+class _Group:
+    """A candidate digit: a set of component labels and its bounding box."""
+
+    labels: list[int]
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    area: int
+
+    @property
+    def width(self) -> int:
+        return self.c1 - self.c0
+
+    @property
+    def height(self) -> int:
+        return self.r1 - self.r0
+
+    def absorb(self, other: "_Group") -> None:
+        self.labels += other.labels
+        self.r0, self.r1 = min(self.r0, other.r0), max(self.r1, other.r1)
+        self.c0, self.c1 = min(self.c0, other.c0), max(self.c1, other.c1)
+        self.area += other.area
+
+
+_MERGE_OVERLAP = 0.5  # merge components overlapping in x by this fraction of the narrower ...
+_MERGE_SHORT = 0.75  # ... when the shorter one is below this fraction of the digit height
+_SPLIT_ASPECT = 1.25  # a group wider than this times the digit height holds several digits
+_DIGIT_ASPECT = 0.75  # typical digit width / height, used to count digits in a wide group
+_TOUCH_ASPECT = 0.8  # narrower groups are never split at a touching point
+_TOUCH_RUN = 2.5  # a touching point crosses at most this many stroke widths of ink
+_TOUCH_HEIGHT = 0.6  # both sides of a touching cut must be this fraction of the digit height
+_MIN_HEIGHT = 0.35  # groups shorter than this fraction of the digit height are noise
+_MIN_AREA = 0.08  # ... or smaller in area than this fraction of the median digit
+
+
+def _groups(ink: _Ink) -> tuple[list[_Group], float]:
+    """Digit candidates left to right, and the typical digit height in px.
+
+    Components are merged when they overlap strongly in x and one of them is
+    short (a broken stroke, a detached bar, a dot); two full-height components
+    stay apart even when slanted into each other. Short or tiny groups are noise.
+    """
+    slices = ndimage.find_objects(ink.labels)
+    areas = np.bincount(ink.labels.ravel(), minlength=ink.count + 1)
+    groups = [
+        _Group([i + 1], s[0].start, s[0].stop, s[1].start, s[1].stop, int(areas[i + 1]))
+        for i, s in enumerate(slices)
+        if s is not None
+    ]
+    if not groups:
+        return groups, 0.0
+    largest = max(g.area for g in groups)
+    height = float(np.median([g.height for g in groups if g.area >= 0.25 * largest]))
+    merged = True
+    while merged:
+        merged = False
+        groups.sort(key=lambda g: (g.c0 + g.c1) / 2)
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                a, b = groups[i], groups[j]
+                overlap = min(a.c1, b.c1) - max(a.c0, b.c0)
+                if (
+                    overlap >= _MERGE_OVERLAP * min(a.width, b.width)
+                    and min(a.height, b.height) < _MERGE_SHORT * height
+                ):
+                    a.absorb(b)
+                    del groups[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    height = float(np.median([g.height for g in groups if g.area >= 0.25 * largest]))
+    big = [g for g in groups if g.height >= _MIN_HEIGHT * height]
+    area = float(np.median([g.area for g in big])) if big else 0.0
+    return [g for g in big if g.area >= _MIN_AREA * area], height
+
+
+def _even_cuts(profile: np.ndarray, pieces: int) -> list[int]:
+    """Cuts splitting a wide group into `pieces` at projection minima near even spacing."""
+    width = len(profile)
+    step = width / pieces
+    smooth = ndimage.uniform_filter1d(profile.astype(np.float64), max(1, round(step / 10)))
+    smooth = smooth / max(float(smooth.max()), 1e-9)
+    cuts = []
+    for k in range(1, pieces):
+        expected = k * step
+        lo = max(1, int(expected - 0.35 * step))
+        hi = min(width - 1, int(expected + 0.35 * step) + 1)
+        xs = np.arange(lo, hi)
+        cost = smooth[lo:hi] + 0.3 * np.abs(xs - expected) / step
+        cuts.append(int(xs[int(np.argmin(cost))]))
+    return cuts
+
+
+def _touch_cut(mask: np.ndarray, height: float) -> int | None:
+    """Column where two touching digits meet, or None if the group looks like one digit.
+
+    A touching point is a column crossing a single short run of ink (at most a
+    few stroke widths) with a full-height digit on either side.
+    """
+    h, w = mask.shape
+    runs = mask[0].astype(np.int32) + (mask[1:] & ~mask[:-1]).sum(axis=0)
+    ink = mask.sum(axis=0)
+    limit = _TOUCH_RUN * _stroke_width(mask)
+    best = None
+    for x in range(max(1, int(0.2 * w)), min(w - 1, int(0.8 * w) + 1)):
+        if runs[x] == 1 and ink[x] <= limit and (best is None or ink[x] < ink[best]):
+            best = x
+    if best is None:
+        return None
+    area = mask.sum()
+    for side in (mask[:, :best], mask[:, best:]):
+        box = _bbox(side)
+        if box is None or box[1] - box[0] < _TOUCH_HEIGHT * height:
+            return None
+        if side.sum() < 0.15 * area:
+            return None
+    return best
+
+
+def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
+    """Splits an image of a written number into 28x28 MNIST digits, left to right.
+
+    Connected components of the ink are merged when they overlap strongly in x
+    (broken strokes, a detached bar, a dot above), marks much shorter or smaller
+    than the other digits are dropped as noise, and a component wider than
+    1.25x the digit height is cut into round(width / (0.75 * height)) digits at
+    the columns of least ink near the evenly spaced positions.
+
+    Limits: digits must be written side by side on one line, roughly the same
+    height, not overlapping in x (strongly slanted or overlapping digits are
+    merged); cuts are straight vertical lines, so touching digits that interlock
+    are cut imperfectly; two narrow touching digits (e.g. "11", "17") are not
+    split; a very wide single digit may be split; signs and punctuation are
+    dropped or treated as digits.
+    """
+    if max_digits < 1:
+        raise ValueError(f"max_digits must be >= 1, got {max_digits}")
+    ink = _segment(_as_grey(image))
+    groups, height = _groups(ink)
+    if not groups:
+        raise NoInkError("no digits found; photograph darker, thicker strokes under even light")
+
+    pieces: list[np.ndarray] = []  # bool masks, left to right
+    for g in groups:
+        mask = np.isin(ink.labels[g.r0 : g.r1, g.c0 : g.c1], g.labels)
+        full = np.zeros_like(ink.mask)
+        full[g.r0 : g.r1, g.c0 : g.c1] = mask
+        if g.width > _SPLIT_ASPECT * height:
+            count = max(2, round(g.width / (_DIGIT_ASPECT * height)))
+            cuts = _even_cuts(mask.sum(axis=0), count)
+        elif g.width >= _TOUCH_ASPECT * height:
+            cut = _touch_cut(mask, height)
+            cuts = [] if cut is None else [cut]
+        else:
+            cuts = []
+        if not cuts:
+            pieces.append(full)
+            continue
+        bounds = [0, *cuts, g.width]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            part = np.zeros_like(ink.mask)
+            part[g.r0 : g.r1, g.c0 + a : g.c0 + b] = mask[:, a:b]
+            if part.any():
+                pieces.append(part)
+    if len(pieces) > max_digits:
+        raise ImageError(
+            f"found {len(pieces)} digits, more than max_digits={max_digits}; "
+            "crop the image to the number or raise max_digits"
+        )
+
+    # Give every soft-ink pixel to the nearest piece, so anti-aliased fringes follow.
+    owner = np.zeros(ink.mask.shape, np.int32)
+    for i, part in enumerate(pieces, start=1):
+        owner[part] = i
+    if len(pieces) > 1:
+        _, (iy, ix) = ndimage.distance_transform_edt(owner == 0, return_indices=True)
+        owner = owner[iy, ix]
+    digits = []
+    for i, part in enumerate(pieces, start=1):
+        soft = np.where(owner == i, ink.soft, 0.0).astype(np.float32)
+        digits.append(_layout(soft, part))
+    return digits

@@ -1,0 +1,430 @@
+"""Pure train/eval steps and the training loop.
+
+`train_step(state, batch, rng)` and `eval_step(state, batch)` work with any Linen module
+whose `__call__` takes `train: bool` and any optax GradientTransformation.
+`train_and_evaluate(config, workdir)` runs a whole recipe: data on device, batches
+gathered by index inside the jitted step, periodic validation and checkpoints, resume,
+and a final test report.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hwrjax import augment as augment_lib
+from hwrjax import checkpoint as checkpoint_lib
+from hwrjax import data as data_lib
+from hwrjax import losses as losses_lib
+from hwrjax import models as models_lib
+from hwrjax import optim as optim_lib
+from hwrjax import parallel
+from hwrjax import rng as rng_lib
+from hwrjax.errors import CheckpointError, ConfigError
+from hwrjax.logs import MetricLogger
+
+
+class TrainState(train_state.TrainState):
+    """flax TrainState plus BatchNorm statistics (an empty dict for models without them)."""
+
+    batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, ...] = (1, 28, 28, 1)) -> TrainState:
+    """Initializes `model` on zeros of `input_shape` and wraps it with optimizer `tx`."""
+    variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}))
+
+
+def _variables(state: TrainState, params: Any) -> dict:
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array,
+               loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] = losses_lib.cross_entropy,
+               ) -> tuple[TrainState, dict]:
+    """One optimizer step on batch {'image': float [B,H,W,C], 'label': int [B]}; rng keys dropout."""
+
+    def compute_loss(params):
+        outputs = state.apply_fn(_variables(state, params), batch["image"], train=True,
+                                 mutable=["batch_stats"], rngs={"dropout": rng})
+        logits, mutated = outputs
+        loss = jnp.mean(loss_fn(logits, batch["label"]))
+        return loss, (logits, mutated.get("batch_stats", state.batch_stats))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict,
+              loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] = losses_lib.cross_entropy) -> dict:
+    """Sums of loss and correct predictions over the examples of `batch` whose 'mask' is 1."""
+    logits = state.apply_fn(_variables(state, state.params), batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(loss_fn(logits, batch["label"]) * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def predict_logits(state_or_variables: Any, apply_fn: Callable, images: jnp.ndarray) -> jnp.ndarray:
+    """Logits of images [B,H,W,C] in [0,1] in inference mode."""
+    return apply_fn(state_or_variables, images, train=False)
+
+
+def summarize_eval(sums: dict) -> dict:
+    """Turns eval_step sums into mean loss, accuracy and the example count."""
+    count = float(sums["count"])
+    return {"loss": float(sums["loss_sum"]) / max(count, 1.0),
+            "accuracy": float(sums["correct"]) / max(count, 1.0),
+            "num_examples": int(round(count))}
+
+
+# --------------------------------------------------------------------------------------
+# Device-resident data and the fused step used by the training loop.
+
+
+def to_float_images(images: jnp.ndarray) -> jnp.ndarray:
+    """uint8 pixels -> float32 in [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def make_fused_train_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys,
+                          num_train: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable:
+    """Builds jit(state, images, labels) -> (state, metrics): batch `state.step` gathered by index.
+
+    Epoch e's order is the permutation keyed by fold_in(order_key, e); batch i of the epoch
+    is its slice [i*B, (i+1)*B). Everything is a function of state.step, so a restored
+    state continues with exactly the batches and keys of the uninterrupted run.
+    """
+    steps_per_epoch = num_train // batch_size
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def fused(state: TrainState, images: jnp.ndarray, labels: jnp.ndarray):
+        step = state.step
+        epoch, i = step // steps_per_epoch, step % steps_per_epoch
+        order = jax.random.permutation(jax.random.fold_in(keys.order, epoch), num_train)
+        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
+        batch_images = augment_lib.augment_batch(to_float_images(images[idx]),
+                                                 jax.random.fold_in(keys.augment, step), aug)
+        batch = {"image": jax.lax.with_sharding_constraint(batch_images, batch_sharding),
+                 "label": labels[idx]}
+        return train_step(state, batch, jax.random.fold_in(keys.dropout, step), loss_fn=loss_fn)
+
+    return jax.jit(fused, donate_argnums=(0,))
+
+
+class EvalSet:
+    """A split padded to a multiple of the eval batch, on device, with a mask of real examples."""
+
+    def __init__(self, split: data_lib.Split, batch_size: int, mesh: jax.sharding.Mesh):
+        n = len(split)
+        self.num_examples = n
+        self.batch_size = batch_size
+        self.num_batches = max(1, math.ceil(n / batch_size))
+        padded = self.num_batches * batch_size
+        images = np.zeros((padded,) + split.images.shape[1:], np.uint8)
+        images[:n] = split.images
+        labels = np.zeros((padded,), np.int32)
+        labels[:n] = split.labels
+        mask = np.zeros((padded,), np.float32)
+        mask[:n] = 1.0
+        replicated = NamedSharding(mesh, P())
+        self.images = parallel.put_replicated(images, replicated)
+        self.labels = parallel.put_replicated(labels, replicated)
+        self.mask = parallel.put_replicated(mask, replicated)
+
+
+def make_evaluate(loss_fn: Callable, mesh: jax.sharding.Mesh) -> Callable[[TrainState, EvalSet], dict]:
+    """Builds evaluate(state, eval_set) -> {'loss', 'accuracy', 'num_examples'} over the whole split."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    @functools.partial(jax.jit, static_argnames=("batch_size",))
+    def batch_sums(state, images, labels, mask, index, batch_size):
+        take = lambda a: jax.lax.with_sharding_constraint(
+            jax.lax.dynamic_slice_in_dim(a, index * batch_size, batch_size), batch_sharding)
+        batch = {"image": to_float_images(take(images)), "label": take(labels), "mask": take(mask)}
+        return eval_step(state, batch, loss_fn=loss_fn)
+
+    def evaluate(state: TrainState, eval_set: EvalSet) -> dict:
+        total = None
+        for b in range(eval_set.num_batches):
+            sums = batch_sums(state, eval_set.images, eval_set.labels, eval_set.mask, b,
+                              batch_size=eval_set.batch_size)
+            total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        return summarize_eval(jax.device_get(total))
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------------------
+# Config checks, done before any expensive work.
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ConfigError (one line naming the fix) for sizes, rates and names that cannot work."""
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
+        value = config[field]
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config.{field} must be a positive integer, got {value!r}")
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % num_devices:
+            raise ConfigError(f"config.{field}={config[field]} does not divide over {num_devices} devices; "
+                              f"use a multiple of {num_devices}")
+    if config.checkpoint.every_steps < 0 or config.checkpoint.keep <= 0:
+        raise ConfigError("config.checkpoint.every_steps must be >= 0 and config.checkpoint.keep > 0")
+    if config.early_stopping.patience_epochs < 0:
+        raise ConfigError("config.early_stopping.patience_epochs must be >= 0")
+    if config.dataset.limit_train < 0:
+        raise ConfigError("config.dataset.limit_train must be >= 0")
+    if config.parallel not in parallel.MODES:
+        raise ConfigError(f"unknown config.parallel {config.parallel!r}; use one of {list(parallel.MODES)}")
+    # Building these checks every name (model, loss, optimizer, schedule, augment ranges).
+    models_lib.create_model(config.model, num_classes=10, dtype=config.dtype)
+    losses_lib.get_loss(config.loss)
+    optim_lib.make_optimizer(config, optim_lib.make_schedule(config, 100, config.num_epochs))
+    augment_lib.AugmentParams.from_config(config.augment)
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates `workdir` and proves it is writable, or raises ConfigError."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror}); pass a --workdir you can write to")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Lists 'field: saved -> current' for every field that differs between two config dicts."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, name + "."))
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json())
+
+
+# --------------------------------------------------------------------------------------
+# Preemption: SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was saved because the process was asked to stop."""
+
+
+class _StopSignal:
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # Not the main thread: leave signals alone.
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# --------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
+    """Trains the recipe in `config`, resuming from `workdir` if it holds a run; returns the test metrics."""
+    start_time = time.time()
+    mesh = parallel.make_mesh()
+    num_devices = mesh.devices.size
+    validate_config(config, num_devices)
+    check_workdir(workdir)
+    is_main = jax.process_index() == 0
+
+    config_path = os.path.join(workdir, "config.json")
+    current = _config_dict(config)
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+        diffs = config_differences(saved, current)
+        if diffs and not allow_config_change:
+            raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
+                              "use a new --workdir, or pass --allow_config_change to continue anyway")
+        if diffs:
+            logging.warning("Continuing %s with a changed config: %s", workdir, "; ".join(diffs))
+    parallel.check_same_config_across_processes(config.to_json())
+
+    splits = data_lib.load_splits(config)
+    if len(splits.train) < config.batch_size:
+        raise ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} "
+                          "training examples; lower it")
+    steps_per_epoch = len(splits.train) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+
+    keys = rng_lib.RunKeys.from_seed(config.seed)
+    model = models_lib.create_model(config.model, splits.num_classes, dtype=config.dtype)
+    loss_fn = losses_lib.get_loss(config.loss)
+    schedule = optim_lib.make_schedule(config, steps_per_epoch, config.num_epochs)
+    tx = optim_lib.make_optimizer(config, schedule)
+    aug = augment_lib.AugmentParams.from_config(config.augment)
+
+    replicated = NamedSharding(mesh, P())
+    state = jax.jit(lambda k: create_train_state(model, tx, k, (1,) + data_lib.IMAGE_SHAPE),
+                    out_shardings=replicated)(keys.init)
+
+    if is_main and not os.path.exists(config_path):
+        with open(config_path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(config_path + ".tmp", config_path)
+
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    meta = {"best_val_accuracy": -1.0, "best_step": -1, "epochs_without_improvement": 0, "stopped_early": False,
+            "wall_time_s": 0.0}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, saved_meta = restored
+        meta.update(saved_meta)
+        logging.info("Resuming from step %d of %d in %s.", int(state.step), total_steps, workdir)
+    step = int(jax.device_get(state.step))
+
+    train_images = parallel.put_replicated(splits.train.images, replicated)
+    train_labels = parallel.put_replicated(splits.train.labels, replicated)
+    val_set = EvalSet(splits.validation, config.eval_batch_size, mesh) if splits.validation else None
+    test_set = EvalSet(splits.test, config.eval_batch_size, mesh)
+    fused_step = make_fused_train_step(loss_fn, aug, keys, len(splits.train), config.batch_size, mesh)
+    evaluate = make_evaluate(loss_fn, mesh)
+
+    logger = MetricLogger(workdir, enabled=is_main, total_steps=total_steps,
+                          progress=config.progress and sys.stderr.isatty())
+    logging.info("Training %s (%d parameters) on %d device(s) in %d process(es): %d steps of batch %d.",
+                 config.model.name, sum(x.size for x in jax.tree.leaves(state.params)), num_devices,
+                 jax.process_count(), total_steps, config.batch_size)
+
+    def save(step_: int, state_: TrainState) -> None:
+        ckpt.save(step_, state_, dict(meta, wall_time_s=meta["wall_time_s"] + time.time() - session_start))
+
+    session_start = time.time()
+    finished = meta["stopped_early"] or step >= total_steps
+    if finished:
+        logging.info("The run in %s already finished at step %d; reporting its test metrics.", workdir, step)
+    pending: list[dict] = []
+    last_log_time, last_log_step = time.time(), step
+    try:
+        with _StopSignal() as stop, logger:
+            while step < total_steps and not meta["stopped_early"]:
+                state, metrics = fused_step(state, train_images, train_labels)
+                step += 1
+                pending.append(metrics)
+                if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+                    fetched = jax.device_get(pending)
+                    pending = []
+                    now = time.time()
+                    row = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    if not math.isfinite(row["train_loss"]):
+                        raise FloatingPointError(f"training loss became {row['train_loss']} at step {step}; "
+                                                 "lower config.optimizer.learning_rate or set grad_clip_norm")
+                    rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    row.update(learning_rate=float(schedule(step - 1)), steps_per_sec=rate,
+                               images_per_sec=rate * config.batch_size,
+                               time_left_s=(total_steps - step) / max(rate, 1e-9))
+                    logger.write(step, row)
+                    last_log_time, last_log_step = now, step
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end and val_set is not None:
+                    val = evaluate(state, val_set)
+                    logger.write(step, {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                                        "epoch": step // steps_per_epoch})
+                    improved = val["accuracy"] > meta["best_val_accuracy"] + config.early_stopping.min_delta
+                    if improved:
+                        meta.update(best_val_accuracy=val["accuracy"], best_step=step, epochs_without_improvement=0)
+                        ckpt.save_best(step, state, dict(meta))
+                    else:
+                        meta["epochs_without_improvement"] += 1
+                    patience = config.early_stopping.patience_epochs
+                    if patience and meta["epochs_without_improvement"] >= patience:
+                        meta["stopped_early"] = True
+                        logging.info("Early stop at epoch %d: no validation gain for %d epochs.",
+                                     step // steps_per_epoch, patience)
+                every = config.checkpoint.every_steps
+                if epoch_end or (every and step % every == 0) or meta["stopped_early"]:
+                    save(step, state)
+                if stop.received is not None:
+                    save(step, state)
+                    ckpt.wait()
+                    raise Preempted(f"stopped by signal {stop.received} at step {step}; checkpoint saved in "
+                                    f"{workdir}; rerun the same command to resume")
+            if step >= total_steps or meta["stopped_early"]:
+                save(step, state)
+    finally:
+        ckpt.close()
+
+    # The final report uses the best validation checkpoint when there is one (selection
+    # never looks at test), else the last state.
+    report_state = state
+    if val_set is not None and meta["best_step"] >= 0 and meta["best_step"] != step:
+        variables, _ = checkpoint_lib.load_variables(workdir, "best")
+        report_state = state.replace(params=jax.device_put(variables["params"], replicated),
+                                     batch_stats=jax.device_put(variables["batch_stats"], replicated))
+    test = evaluate(report_state, test_set)
+    wall = meta["wall_time_s"] + (0.0 if finished else time.time() - session_start)
+    test.update(step=step, checkpoint_step=int(meta["best_step"]) if report_state is not state else step,
+                split=config.dataset.test_split, dataset=config.dataset.name,
+                wall_time_s=wall, total_time_s=time.time() - start_time,
+                best_val_accuracy=meta["best_val_accuracy"], num_params=int(sum(
+                    x.size for x in jax.tree.leaves(state.params))))
+    if is_main:
+        logger.write_report("test_metrics.json", test)
+        logger.write(step, {"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        logger.close()
+    logging.info("Test accuracy %.4f (loss %.4f) on %d examples.", test["accuracy"], test["loss"],
+                 test["num_examples"])
+    return test
