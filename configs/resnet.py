@@ -10,7 +10,8 @@ from configs import default
 def get_config(arg: str = ""):
     c = default.get_config()
     c.model.name = "resnet"
-    c.num_epochs = 10
+    c.num_epochs = 8
+    c.schedule.warmup_epochs = 0.5
     if arg == "smoke":
         default.smoke(c)
         c.model.stage_sizes = (1, 1)

@@ -44,6 +44,9 @@ def run_training(config: Any, workdir: str, allow_config_change: bool = False,
                  process_id: int | None = None) -> int:
     """Runs train_and_evaluate with errors turned into one line on stderr; returns an exit code."""
     try:
+        from hwrjax.logs import quiet_library_logs
+
+        quiet_library_logs()
         initialize_distributed(coordinator_address, num_processes, process_id)
         import jax
 

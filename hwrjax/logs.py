@@ -83,3 +83,26 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class _DropChattyInfo:
+    """Drops INFO-and-below records from libraries that log every checkpoint file operation."""
+
+    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge", "/etils/")
+
+    def filter(self, record) -> bool:
+        import logging as std_logging
+
+        if record.levelno > std_logging.INFO:
+            return True
+        return not any(part in record.pathname for part in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the absl log about training: hides per-file INFO chatter of orbax and tfds."""
+    import logging as std_logging
+
+    filt = _DropChattyInfo()
+    std_logging.getLogger("absl").addFilter(filt)
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(filt)

@@ -198,8 +198,8 @@ def _check_size(size: tuple[int, int], name: str) -> None:
     limit = MAX_PIXELS
     if w * h > limit:
         raise ImageError(
-            f"{name} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the "
-            f"{limit / 1e6:g} MP limit (hwrjax.preprocess.MAX_PIXELS); downscale it first"
+            f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+            "(hwrjax.preprocess.MAX_PIXELS); downscale it first"
         )
 
 
@@ -482,22 +482,35 @@ class _Group:
 
 
 _MERGE_OVERLAP = 0.5  # merge components overlapping in x by this fraction of the narrower ...
-_MERGE_SHORT = 0.75  # ... when the shorter one is below this fraction of the digit height
-_SPLIT_ASPECT = 1.25  # a group wider than this times the digit height holds several digits
-_DIGIT_ASPECT = 0.75  # typical digit width / height, used to count digits in a wide group
-_TOUCH_ASPECT = 0.8  # narrower groups are never split at a touching point
-_TOUCH_RUN = 2.5  # a touching point crosses at most this many stroke widths of ink
-_TOUCH_HEIGHT = 0.6  # both sides of a touching cut must be this fraction of the digit height
-_MIN_HEIGHT = 0.35  # groups shorter than this fraction of the digit height are noise
-_MIN_AREA = 0.08  # ... or smaller in area than this fraction of the median digit
+_MERGE_SHORT = 0.75  # ... when the shorter one is below this fraction of the digit height,
+_MERGE_TALL_OVERLAP = 0.8  # ... or by this fraction when both are full height (broken "4")
+_SPLIT_ASPECT = 1.4  # a group this many digit heights wide holds several digits
+_DIGIT_ASPECT = 0.8  # digits in such a group: round(width / (this * height))
+_TOUCH_ASPECT = 1.1  # a narrower group is one digit; a wider one may be two touching
+_TOUCH_RUN = 4.5  # ... if a column in its middle crosses at most this many stroke widths
+_TOUCH_HEIGHT = 0.5  # ... and leaves this fraction of the digit height on both sides
+_LONE_STRICTER = 0.4  # a lone mark measures its own height: both aspects are raised by this
+_FRAGMENT = 0.6  # groups shorter than this fraction of the digit height are fragments ...
+_ATTACH_GAP = 0.5  # ... joined to the nearest digit within this many digit heights,
+_MIN_HEIGHT = 0.35  # ... else dropped as noise when shorter than this fraction
+_MIN_AREA = 0.08  # groups smaller in area than this fraction of the median digit are noise
+
+
+def _gap(a: _Group, b: _Group) -> float:
+    """Distance between two bounding boxes (0 when they overlap)."""
+    dx = max(0, a.c0 - b.c1, b.c0 - a.c1)
+    dy = max(0, a.r0 - b.r1, b.r0 - a.r1)
+    return float(np.hypot(dx, dy))
 
 
 def _groups(ink: _Ink) -> tuple[list[_Group], float]:
     """Digit candidates left to right, and the typical digit height in px.
 
-    Components are merged when they overlap strongly in x and one of them is
-    short (a broken stroke, a detached bar, a dot); two full-height components
-    stay apart even when slanted into each other. Short or tiny groups are noise.
+    Components are merged when they overlap in x by half the narrower one's
+    width and one of them is short (a broken stroke, a detached bar, a dot), or
+    by 80% when both are full height (an open-top "4"), so that slanted
+    neighbours stay apart. Remaining short fragments join the nearest digit if
+    close, else are kept (a small digit) or dropped (noise) by height.
     """
     slices = ndimage.find_objects(ink.labels)
     areas = np.bincount(ink.labels.ravel(), minlength=ink.count + 1)
@@ -509,7 +522,8 @@ def _groups(ink: _Ink) -> tuple[list[_Group], float]:
     if not groups:
         return groups, 0.0
     largest = max(g.area for g in groups)
-    height = float(np.median([g.height for g in groups if g.area >= 0.25 * largest]))
+    tallest = max(g.height for g in groups if g.area >= 0.25 * largest)
+    height = float(np.median([g.height for g in groups if g.height >= _FRAGMENT * tallest]))
     merged = True
     while merged:
         merged = False
@@ -518,35 +532,55 @@ def _groups(ink: _Ink) -> tuple[list[_Group], float]:
             for j in range(i + 1, len(groups)):
                 a, b = groups[i], groups[j]
                 overlap = min(a.c1, b.c1) - max(a.c0, b.c0)
-                if (
-                    overlap >= _MERGE_OVERLAP * min(a.width, b.width)
-                    and min(a.height, b.height) < _MERGE_SHORT * height
-                ):
+                short = min(a.height, b.height) < _MERGE_SHORT * height
+                need = _MERGE_OVERLAP if short else _MERGE_TALL_OVERLAP
+                if overlap >= need * min(a.width, b.width):
                     a.absorb(b)
                     del groups[j]
                     merged = True
                     break
             if merged:
                 break
-    height = float(np.median([g.height for g in groups if g.area >= 0.25 * largest]))
-    big = [g for g in groups if g.height >= _MIN_HEIGHT * height]
-    area = float(np.median([g.area for g in big])) if big else 0.0
-    return [g for g in big if g.area >= _MIN_AREA * area], height
+
+    digits = [g for g in groups if g.height >= _FRAGMENT * height]
+    fragments = [g for g in groups if g.height < _FRAGMENT * height]
+    if not digits:
+        digits, fragments = groups, []
+    # Upper quartile: a smaller digit must not make its neighbours look too wide.
+    height = float(np.percentile([g.height for g in digits], 75))
+    for f in sorted(fragments, key=lambda g: -g.area):
+        nearest = min(digits, key=lambda g: _gap(f, g))
+        if _gap(f, nearest) <= _ATTACH_GAP * height:
+            nearest.absorb(f)
+        elif f.height >= _MIN_HEIGHT * height:
+            digits.append(f)
+    area = float(np.median([g.area for g in digits]))
+    digits = [g for g in digits if g.area >= _MIN_AREA * area]
+    digits.sort(key=lambda g: (g.c0 + g.c1) / 2)
+    return digits, height
 
 
-def _even_cuts(profile: np.ndarray, pieces: int) -> list[int]:
-    """Cuts splitting a wide group into `pieces` at projection minima near even spacing."""
-    width = len(profile)
+def _even_cuts(mask: np.ndarray, pieces: int, height: float) -> list[int]:
+    """Cuts splitting a wide group into `pieces` near even spacing, crossing few strokes.
+
+    The cost of cutting at a column is the number of separate ink runs it
+    crosses plus half its ink length in digit heights, so a cut prefers a
+    single stroke (a touching point, or two walls pressed together as in
+    "00") over the inside of a loop, which crosses two.
+    """
+    width = mask.shape[1]
+    runs = mask[0].astype(np.float64) + (mask[1:] & ~mask[:-1]).sum(axis=0)
+    ink = mask.sum(axis=0) / max(height, 1.0)
     step = width / pieces
-    smooth = ndimage.uniform_filter1d(profile.astype(np.float64), max(1, round(step / 10)))
-    smooth = smooth / max(float(smooth.max()), 1e-9)
+    size = max(1, round(step / 10))
+    cost_all = ndimage.uniform_filter1d(runs + 0.5 * ink, size)
     cuts = []
     for k in range(1, pieces):
         expected = k * step
         lo = max(1, int(expected - 0.35 * step))
         hi = min(width - 1, int(expected + 0.35 * step) + 1)
         xs = np.arange(lo, hi)
-        cost = smooth[lo:hi] + 0.3 * np.abs(xs - expected) / step
+        cost = cost_all[lo:hi] + 0.5 * np.abs(xs - expected) / step
         cuts.append(int(xs[int(np.argmin(cost))]))
     return cuts
 
@@ -554,44 +588,51 @@ def _even_cuts(profile: np.ndarray, pieces: int) -> list[int]:
 def _touch_cut(mask: np.ndarray, height: float) -> int | None:
     """Column where two touching digits meet, or None if the group looks like one digit.
 
-    A touching point is a column crossing a single short run of ink (at most a
-    few stroke widths) with a full-height digit on either side.
+    The cut is the column of least ink in the middle half of the group; it is
+    accepted if it crosses at most `_TOUCH_RUN` stroke widths of ink and leaves
+    a mark at least `_TOUCH_HEIGHT` of the digit height tall on either side.
     """
-    h, w = mask.shape
-    runs = mask[0].astype(np.int32) + (mask[1:] & ~mask[:-1]).sum(axis=0)
-    ink = mask.sum(axis=0)
-    limit = _TOUCH_RUN * _stroke_width(mask)
-    best = None
-    for x in range(max(1, int(0.2 * w)), min(w - 1, int(0.8 * w) + 1)):
-        if runs[x] == 1 and ink[x] <= limit and (best is None or ink[x] < ink[best]):
-            best = x
-    if best is None:
+    w = mask.shape[1]
+    profile = mask.sum(axis=0).astype(np.float64)
+    lo, hi = int(0.25 * w), int(0.75 * w) + 1
+    if hi - lo < 1:
         return None
-    area = mask.sum()
-    for side in (mask[:, :best], mask[:, best:]):
+    xs = np.arange(lo, hi)
+    stroke = max(_stroke_width(mask), 1.0)
+    cost = profile[lo:hi] + 0.5 * stroke * np.abs(xs - w / 2) / (w / 2)
+    cut = int(xs[int(np.argmin(cost))])
+    if profile[cut] > _TOUCH_RUN * stroke:
+        return None
+    for side in (mask[:, :cut], mask[:, cut:]):
         box = _bbox(side)
         if box is None or box[1] - box[0] < _TOUCH_HEIGHT * height:
             return None
-        if side.sum() < 0.15 * area:
-            return None
-    return best
+    return cut
 
 
 def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
     """Splits an image of a written number into 28x28 MNIST digits, left to right.
 
-    Connected components of the ink are merged when they overlap strongly in x
-    (broken strokes, a detached bar, a dot above), marks much shorter or smaller
-    than the other digits are dropped as noise, and a component wider than
-    1.25x the digit height is cut into round(width / (0.75 * height)) digits at
-    the columns of least ink near the evenly spaced positions.
+    Steps: the ink is segmented as in `to_mnist`; connected components that
+    overlap strongly in x are merged (a broken "5", a detached bar, an open-top
+    "4"); fragments much shorter than the digit height H (upper quartile of the
+    digit heights) join the nearest digit or are dropped as noise. A group at
+    least 1.4 H wide is cut into round(width / 0.8 H) digits near even spacing
+    at columns crossing the fewest strokes; a group 1.1-1.4 H wide is cut in two at its
+    least-ink middle column only if that column crosses little ink (touching
+    strokes) and both sides are at least H/2 tall. With a single group (H is
+    then its own height) both thresholds are 0.4 higher, so one wide digit is
+    not split. Each piece is laid out like `to_mnist`.
 
-    Limits: digits must be written side by side on one line, roughly the same
-    height, not overlapping in x (strongly slanted or overlapping digits are
-    merged); cuts are straight vertical lines, so touching digits that interlock
-    are cut imperfectly; two narrow touching digits (e.g. "11", "17") are not
-    split; a very wide single digit may be split; signs and punctuation are
-    dropped or treated as digits.
+    Limits: one line of digits of similar height, written left to right;
+    digits overlapping in x by most of the narrower one's width (strongly
+    slanted, or written over each other) are merged; cuts are straight vertical
+    lines, so interlocking touching digits are cut imperfectly; touching pairs
+    narrower than 1.1 H (e.g. "11", "17", often "36") are not split, and a
+    lone touching pair must be 1.5 H wide; a digit broken into two tall parts
+    side by side becomes two digits; signs, letters and punctuation are
+    dropped as noise or returned as digits. Raises NoInkError for blank images
+    and ImageError when more than `max_digits` digits are found.
     """
     if max_digits < 1:
         raise ValueError(f"max_digits must be >= 1, got {max_digits}")
@@ -600,15 +641,17 @@ def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
     if not groups:
         raise NoInkError("no digits found; photograph darker, thicker strokes under even light")
 
+    # A wide digit (MNIST: up to ~1.45x wider than tall) alone is not a pair.
+    lone = _LONE_STRICTER if len(groups) == 1 else 0.0
     pieces: list[np.ndarray] = []  # bool masks, left to right
     for g in groups:
         mask = np.isin(ink.labels[g.r0 : g.r1, g.c0 : g.c1], g.labels)
         full = np.zeros_like(ink.mask)
         full[g.r0 : g.r1, g.c0 : g.c1] = mask
-        if g.width > _SPLIT_ASPECT * height:
+        if g.width >= (_SPLIT_ASPECT + lone) * height:
             count = max(2, round(g.width / (_DIGIT_ASPECT * height)))
-            cuts = _even_cuts(mask.sum(axis=0), count)
-        elif g.width >= _TOUCH_ASPECT * height:
+            cuts = _even_cuts(mask, count, height)
+        elif g.width >= (_TOUCH_ASPECT + lone) * height:
             cut = _touch_cut(mask, height)
             cuts = [] if cut is None else [cut]
         else:

@@ -48,8 +48,11 @@ def _photo(
     gradient: float,
     noise: float,
     blur: tuple[float, float],
-) -> np.ndarray:
-    """Puts an ink map (1 = ink) on a larger sheet of lit, blurred, noisy paper."""
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Puts an ink map (1 = ink) on a larger sheet of lit, blurred, noisy paper.
+
+    Returns the uint8 photo and the (row, col) where the ink map's origin landed.
+    """
     h, w = ink.shape
     extra = int(round(margin * min(h, w)))
     canvas = np.zeros((h + extra, w + extra), np.float32)
@@ -87,7 +90,7 @@ def _photo(
         img = img + rng.normal(0.0, noise_sigma, img.shape).astype(np.float32)
         channels.append(img)
     out = np.stack(channels, axis=-1) if rgb else channels[0]
-    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), (top, left)
 
 
 def render_photo(
@@ -112,10 +115,11 @@ def render_photo(
     of scale/8 px) and given Gaussian noise (sigma up to `noise`).
     """
     ink = _upscale(_ink01(digit28), int(scale))
-    return _photo(
+    photo, _ = _photo(
         ink, rng, scale=int(scale), margin=margin, rgb=rgb, paper=paper,
         ink_tone=ink_tone, gradient=gradient, noise=noise, blur=blur,
     )
+    return photo
 
 
 def _edges(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +139,9 @@ def render_number(
     gap: tuple[float, float] = (2.0, 6.0),
     touch_prob: float = 0.1,
     jitter: int = 1,
+    return_boxes: bool = False,
     **photo_kwargs,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """Renders 28x28 digits side by side, left to right, as one photo of a written number.
 
     Each digit is cropped to its ink; neighbours are placed so the closest
@@ -144,6 +149,8 @@ def render_number(
     with probability `touch_prob`, so their strokes overlap by about one pixel
     (touching). Digits are vertically centred with +-`jitter` px of random offset.
     The photo effects of `render_photo` follow (`photo_kwargs` are passed on).
+    With `return_boxes`, also returns each digit's ink box in the photo as
+    (top, left, bottom, right), end-exclusive, left to right (ground truth).
     """
     if len(digits) == 0:
         raise ValueError("render_number needs at least one digit")
@@ -191,4 +198,12 @@ def render_number(
         gradient=0.3, noise=0.04, blur=(0.5, 2.0),
     )
     defaults.update(photo_kwargs)
-    return _photo(ink, rng, scale=int(scale), **defaults)
+    photo, (dy, dx) = _photo(ink, rng, scale=int(scale), **defaults)
+    if not return_boxes:
+        return photo
+    k = int(scale)
+    boxes = [
+        (dy + t * k, dx + l * k, dy + (t + c.shape[0]) * k, dx + (l + c.shape[1]) * k)
+        for t, l, c in zip(tops, lefts, crops)
+    ]
+    return photo, boxes

@@ -118,22 +118,31 @@ def to_float_images(images: jnp.ndarray) -> jnp.ndarray:
     return images.astype(jnp.float32) / 255.0
 
 
+def epoch_order(order_key: jax.Array, epoch: int, num_train: int) -> jax.Array:
+    """The permutation of the training set used in `epoch`: keyed by fold_in(order_key, epoch)."""
+    return _permutation(jax.random.fold_in(order_key, epoch), num_train)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _permutation(key: jax.Array, n: int) -> jax.Array:
+    return jax.random.permutation(key, n)
+
+
 def make_fused_train_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys,
                           num_train: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable:
-    """Builds jit(state, images, labels) -> (state, metrics): batch `state.step` gathered by index.
+    """Builds jit(state, images, labels, order) -> (state, metrics) for batch number `state.step`.
 
-    Epoch e's order is the permutation keyed by fold_in(order_key, e); batch i of the epoch
-    is its slice [i*B, (i+1)*B). Everything is a function of state.step, so a restored
-    state continues with exactly the batches and keys of the uninterrupted run.
+    `order` is `epoch_order(keys.order, epoch, num_train)` for the step's epoch; batch i of
+    the epoch is order[i*B:(i+1)*B]. Augmentation and dropout keys are fold_in(key, step).
+    Everything is a function of (seed, state.step), so a restored state continues with
+    exactly the batches and keys of the uninterrupted run.
     """
     steps_per_epoch = num_train // batch_size
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    def fused(state: TrainState, images: jnp.ndarray, labels: jnp.ndarray):
+    def fused(state: TrainState, images: jnp.ndarray, labels: jnp.ndarray, order: jnp.ndarray):
         step = state.step
-        epoch, i = step // steps_per_epoch, step % steps_per_epoch
-        order = jax.random.permutation(jax.random.fold_in(keys.order, epoch), num_train)
-        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+        idx = jax.lax.dynamic_slice_in_dim(order, (step % steps_per_epoch) * batch_size, batch_size)
         idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
         batch_images = augment_lib.augment_batch(to_float_images(images[idx]),
                                                  jax.random.fold_in(keys.augment, step), aug)
@@ -360,8 +369,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_log_time, last_log_step = time.time(), step
     try:
         with _StopSignal() as stop, logger:
+            order, order_epoch = None, -1
             while step < total_steps and not meta["stopped_early"]:
-                state, metrics = fused_step(state, train_images, train_labels)
+                if step // steps_per_epoch != order_epoch:
+                    order_epoch = step // steps_per_epoch
+                    order = epoch_order(keys.order, order_epoch, len(splits.train))
+                state, metrics = fused_step(state, train_images, train_labels, order)
                 step += 1
                 pending.append(metrics)
                 if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:

@@ -1,0 +1,99 @@
+"""Models: output shapes, parameter counts, modes and bad names."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from hwrjax import models
+from hwrjax.errors import ConfigError
+
+
+def _count(variables):
+    return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def _init(model, batch=3):
+    x = jnp.ones((batch, 28, 28, 1))
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+    return variables, x
+
+
+def test_mlp_shape_and_parameter_count():
+    variables, x = _init(models.MLP(hidden_sizes=(256,)))
+    assert models.MLP().apply(variables, x).shape == (3, 10)
+    # 784*256 + 256 weights/biases in, 256*10 + 10 out.
+    assert _count(variables) == 784 * 256 + 256 + 256 * 10 + 10 == 203_530
+
+
+def test_convnet_shape_and_parameter_count():
+    model = models.ConvNet()
+    variables, x = _init(model)
+    assert model.apply(variables, x).shape == (3, 10)
+    conv1 = 3 * 3 * 1 * 32 + 32
+    conv2 = 3 * 3 * 32 * 64 + 64
+    dense = 7 * 7 * 64 * 64 + 64  # two 2x2 pools: 28 -> 14 -> 7
+    out = 64 * 10 + 10
+    assert _count(variables) == conv1 + conv2 + dense + out
+
+
+def test_resnet_shape_parameter_count_and_batch_stats():
+    model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8)
+    variables, x = _init(model)
+    assert model.apply(variables, x, train=False).shape == (3, 10)
+    bn = lambda c: 2 * c
+    stem = 3 * 3 * 1 * 8 + bn(8)
+    block1 = 3 * 3 * 8 * 8 + bn(8) + 3 * 3 * 8 * 8 + bn(8)  # same shape: identity shortcut
+    block2 = 3 * 3 * 8 * 16 + bn(16) + 3 * 3 * 16 * 16 + bn(16) + 1 * 1 * 8 * 16 + bn(16)  # projection
+    head = 16 * 10 + 10
+    assert _count(variables) == stem + block1 + block2 + head
+    assert "batch_stats" in variables
+    # Training mode updates the running statistics.
+    _, mutated = model.apply(variables, x * 0.5, train=True, mutable=["batch_stats"])
+    before = jax.tree.leaves(variables["batch_stats"])
+    after = jax.tree.leaves(mutated["batch_stats"])
+    assert any(not jnp.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_resnet_blocks_start_as_identity_and_preact_runs():
+    # Basic blocks zero-init their last BN scale, so a fresh block passes its input through.
+    variables, x = _init(models.ResNet(stage_sizes=(2,), stage_widths=(8,), stem_width=8))
+    scales = [v["BatchNorm_1"]["scale"] for k, v in variables["params"].items() if k.startswith("BasicBlock")]
+    assert scales and all(jnp.all(s == 0) for s in scales)
+    pre = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8, block="preact")
+    variables, x = _init(pre)
+    assert pre.apply(variables, x).shape == (3, 10)
+
+
+@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
+@pytest.mark.parametrize("pooling", sorted(models.POOLS))
+def test_activation_and_pooling_options(activation, pooling):
+    model = models.ConvNet(conv_widths=(4,), dense_widths=(8,), activation=activation, pooling=pooling)
+    variables, x = _init(model)
+    out = model.apply(variables, x)
+    assert out.shape == (3, 10) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_dropout_is_active_only_in_training():
+    model = models.MLP(hidden_sizes=(64,), dropout_rate=0.5)
+    variables, x = _init(model)
+    assert jnp.allclose(model.apply(variables, x), model.apply(variables, x))
+    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not jnp.allclose(a, b)
+
+
+def test_create_model_by_name_and_errors():
+    cfg = ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(32, 16), activation="gelu", dropout_rate=0.1))
+    model = models.create_model(cfg, num_classes=7)
+    assert isinstance(model, models.MLP) and model.hidden_sizes == (32, 16) and model.num_classes == 7
+    with pytest.raises(ConfigError, match="unknown model 'vgg'.*config.model.name"):
+        models.create_model(ml_collections.ConfigDict(dict(name="vgg")), 10)
+    with pytest.raises(ConfigError, match="unknown activation 'swish'"):
+        models.create_model(ml_collections.ConfigDict(dict(name="mlp", activation="swish")), 10)
+    with pytest.raises(ConfigError, match="does not take"):
+        models.create_model(ml_collections.ConfigDict(dict(name="mlp", stage_sizes=(1,))), 10)
+    with pytest.raises(ConfigError, match="positive integers"):
+        models.create_model(ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(0,))), 10)
+    with pytest.raises(ConfigError, match="unknown block"):
+        models.create_model(ml_collections.ConfigDict(dict(name="resnet", block="bottle")), 10)

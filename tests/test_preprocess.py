@@ -1,0 +1,379 @@
+"""Tests for hwrjax.preprocess (photo -> MNIST 28x28) and hwrjax.synth (digit -> photo).
+
+All images are drawn here with Pillow; nothing is downloaded or read from outside tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from hwrjax import preprocess, synth
+from hwrjax.preprocess import ImageError, NoInkError, load_image, split_digits, to_mnist
+
+# Glyph strokes on a 112x112 canvas (4x supersampled 28x28); each fills rows 16..96,
+# i.e. a 20 px tall box in 28x28, roughly centred like MNIST.
+_GLYPHS = {
+    "1": [((58, 16), (52, 96))],
+    "7": [((30, 18), (84, 18), (48, 96))],
+    "4": [((72, 96), (72, 16), (28, 70), (88, 70))],
+    "0": "ellipse",
+}
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, kind: str, box: tuple[float, float, float, float],
+                width: int, fill: int | tuple[int, ...]) -> None:
+    """Draws a glyph scaled into box=(left, top, right, bottom) (in 112-unit glyph space)."""
+    left, top, right, bottom = box
+    sx, sy = (right - left) / 112.0, (bottom - top) / 112.0
+    spec = _GLYPHS[kind]
+    if spec == "ellipse":
+        draw.ellipse(
+            (left + 32 * sx, top + 16 * sy, left + 80 * sx, top + 96 * sy), outline=fill, width=width
+        )
+        return
+    for line in spec:
+        pts = [(left + x * sx, top + y * sy) for x, y in line]
+        draw.line(pts, fill=fill, width=width, joint="curve")
+
+
+def mnist_like(kind: str) -> np.ndarray:
+    """A clean 28x28 float32 digit, white on black, ~20 px tall, anti-aliased."""
+    im = Image.new("L", (112, 112), 0)
+    _draw_glyph(ImageDraw.Draw(im), kind, (0, 0, 112, 112), width=10, fill=255)
+    # Like MNIST: crop, longer side to 20 px (anti-aliased), centre of mass to (14, 14).
+    crop = im.crop(im.getbbox())
+    f = 20 / max(crop.size)
+    crop = crop.resize((max(1, round(crop.width * f)), max(1, round(crop.height * f))),
+                       Image.Resampling.BOX)
+    field = np.zeros((56, 56), np.float32)
+    field[18 : 18 + crop.height, 18 : 18 + crop.width] = np.asarray(crop, np.float32) / 255.0
+    cy, cx = ndimage.center_of_mass(field)
+    top, left = round(cy) - 14, round(cx) - 14
+    return field[top : top + 28, left : left + 28]
+
+
+def photo_of(kind: str, *, rgb: bool = True, seed: int = 0, size: int = 360) -> np.ndarray:
+    """A 'photo': dark blue-black ink on off-white paper, off centre, gradient, noise."""
+    rng = np.random.default_rng(seed)
+    paper = (225, 215, 190) if rgb else 215
+    ink = (40, 40, 90) if rgb else 50
+    im = Image.new("RGB" if rgb else "L", (size, size), paper)
+    draw = ImageDraw.Draw(im)
+    glyph = 0.6 * size
+    left, top = 0.1 * size, 0.3 * size  # off centre: left and low
+    _draw_glyph(draw, kind, (left, top, left + glyph, top + glyph), width=round(glyph / 11),
+                fill=ink)
+    a = np.asarray(im, np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    light = 1.0 - 0.35 * xx + 0.1 * yy  # uneven lighting
+    a = a * (light[..., None] if rgb else light)
+    a = ndimage.gaussian_filter(a, (1.0, 1.0, 0) if rgb else 1.0)
+    a = a + rng.normal(0, 8.0, a.shape)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def ink_box(d: np.ndarray, eps: float = 0.0) -> tuple[int, int]:
+    """(height, width) of the bounding box of pixels above eps."""
+    rows = np.flatnonzero((d > eps).any(axis=1))
+    cols = np.flatnonzero((d > eps).any(axis=0))
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def save_png(path, array: np.ndarray) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- to_mnist
+
+
+@pytest.mark.parametrize("kind", ["1", "7", "0"])
+def test_photo_becomes_mnist_digit(kind):
+    out = to_mnist(photo_of(kind))
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.max() > 0.9  # white ink, saturated stroke cores
+    # Black background: the corners carry no ink, the outer frame hardly any.
+    for corner in (out[:4, :4], out[:4, -4:], out[-4:, :4], out[-4:, -4:]):
+        assert corner.max() == 0.0
+    frame = np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])
+    assert frame.mean() < 0.05
+    assert (out > 0.5).mean() < 0.35  # ink is the minority -> polarity right
+    # Longer side of the ink box is 20 px, aspect ratio kept.
+    h, w = ink_box(out)
+    assert 19 <= max(h, w) <= 21
+    # Centre of mass at pixel (14, 14), within half a pixel (MNIST: integer shift).
+    cy, cx = ndimage.center_of_mass(out)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+    if kind == "1":
+        assert h >= 19 and w <= 10  # a tall thin stroke stays tall and thin
+    if kind == "0":
+        assert out[14, 14] < 0.2  # the ring keeps its hole
+
+
+def test_photo_matches_drawn_glyph():
+    for kind in ("1", "7", "0"):
+        assert corr(to_mnist(photo_of(kind)), mnist_like(kind)) > 0.8, kind
+
+
+def test_polarity_light_ink_on_dark_gives_same_digit():
+    photo = photo_of("7", rgb=False)
+    normal = to_mnist(photo)
+    inverted = to_mnist(255 - photo)
+    assert corr(normal, inverted) > 0.95
+
+
+def test_grey_and_colour_inputs_agree():
+    rgb = photo_of("0", rgb=True, seed=3)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert corr(to_mnist(rgb), to_mnist(grey)) > 0.95
+    assert corr(to_mnist(rgb), to_mnist(rgb.astype(np.float32) / 255.0)) > 0.999
+
+
+@pytest.mark.parametrize("kind", ["1", "7", "4", "0"])
+def test_mnist_like_input_passes_through(kind):
+    digit = mnist_like(kind)
+    out = to_mnist(digit)
+    assert corr(out, digit) > 0.95
+    assert np.abs(out - digit).mean() < 0.05
+
+
+def test_to_mnist_rejects_bad_arrays():
+    with pytest.raises(ImageError, match="empty"):
+        to_mnist(np.zeros((0, 5), np.float32))
+    with pytest.raises(ImageError, match="shape"):
+        to_mnist(np.zeros((4, 4, 4, 4), np.float32))
+
+
+def test_blank_images_have_no_ink():
+    rng = np.random.default_rng(0)
+    white = np.full((200, 300), 255, np.uint8)
+    with pytest.raises(NoInkError, match="no ink"):
+        to_mnist(white)
+    yy, xx = np.mgrid[0:200, 0:300]
+    paper = 200 - 0.2 * xx + rng.normal(0, 6, (200, 300))  # lit unevenly, noisy, blank
+    with pytest.raises(NoInkError):
+        to_mnist(np.clip(paper, 0, 255).astype(np.uint8))
+    with pytest.raises(NoInkError):
+        split_digits(white)
+    assert issubclass(NoInkError, ImageError) and issubclass(ImageError, ValueError)
+
+
+def test_small_specks_are_ignored():
+    photo = photo_of("1", rgb=False, seed=2).copy()
+    clean = to_mnist(photo)
+    rng = np.random.default_rng(1)
+    for y, x in rng.integers(10, 350, size=(6, 2)):
+        photo[y : y + 3, x : x + 3] = 40  # dust
+    assert corr(to_mnist(photo), clean) > 0.95
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def test_render_photo_round_trip_and_determinism():
+    for i, kind in enumerate(("1", "7", "4", "0")):
+        digit = mnist_like(kind)
+        photo = synth.render_photo(digit, np.random.default_rng(i), rgb=bool(i % 2))
+        assert photo.dtype == np.uint8
+        assert photo.shape[:2][0] >= 28 * 8 and photo.ndim == (3 if i % 2 else 2)
+        # Dark ink on light paper.
+        grey = photo if photo.ndim == 2 else photo.mean(axis=2)
+        assert np.median(grey) > 120 and grey.min() < np.median(grey) - 80
+        assert corr(to_mnist(photo), digit) > 0.8, kind
+    a = synth.render_photo(mnist_like("7"), np.random.default_rng(7))
+    b = synth.render_photo(mnist_like("7"), np.random.default_rng(7))
+    c = synth.render_photo(mnist_like("7"), np.random.default_rng(8))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_render_number_is_deterministic_and_reports_boxes():
+    digits = [mnist_like(k) for k in "170"]
+    a, boxes = synth.render_number(digits, np.random.default_rng(3), return_boxes=True)
+    b = synth.render_number(digits, np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    assert len(boxes) == 3
+    lefts = [box[1] for box in boxes]
+    assert lefts == sorted(lefts)
+    for top, left, bottom, right in boxes:
+        assert 0 <= top < bottom <= a.shape[0] and 0 <= left < right <= a.shape[1]
+
+
+# ----------------------------------------------------------------------------- split_digits
+
+
+@pytest.mark.parametrize("kinds,seed", [("17", 0), ("704", 1), ("4107", 2), ("01741", 3)])
+def test_split_digits_recovers_number_in_order(kinds, seed):
+    sources = [mnist_like(k) for k in kinds]
+    photo = synth.render_number(sources, np.random.default_rng(seed), touch_prob=0.0)
+    got = split_digits(photo)
+    assert len(got) == len(sources)
+    for i, d in enumerate(got):
+        assert d.shape == (28, 28)
+        scores = [corr(d, s) for s in sources]
+        assert scores[i] > 0.75
+        # Best match is the source in the same position (ignoring repeated glyphs).
+        assert kinds[int(np.argmax(scores))] == kinds[i]
+
+
+def test_touching_digits_are_split():
+    # Two rings whose strokes overlap: one connected component, two digits.
+    im = Image.new("L", (460, 260), 230)
+    draw = ImageDraw.Draw(im)
+    draw.ellipse((30, 30, 230, 230), outline=30, width=16)
+    draw.ellipse((222, 30, 422, 230), outline=30, width=16)
+    a = np.asarray(im, np.float32)
+    labels, n = ndimage.label(a < 128)
+    assert n == 1  # really touching
+    got = split_digits(a.astype(np.uint8))
+    assert len(got) == 2
+    assert corr(got[0], got[1]) > 0.8  # both halves look like the same ring
+    # A touching pair inside a longer number.
+    zero = mnist_like("0")
+    photo = np.asarray(Image.fromarray(
+        synth.render_number([mnist_like("1"), zero, zero], np.random.default_rng(5),
+                            touch_prob=0.0, gap=(3, 3))))
+    assert len(split_digits(photo)) == 3
+    touching = synth.render_number([mnist_like("1"), zero, zero, mnist_like("7")],
+                                   np.random.default_rng(6), touch_prob=1.0)
+    assert len(split_digits(touching)) == 4
+
+
+def test_broken_digit_is_one_digit():
+    # A "5" whose top bar is detached from its body: two components, one digit.
+    im = Image.new("L", (300, 300), 235)
+    draw = ImageDraw.Draw(im)
+    draw.line([(110, 50), (200, 50)], fill=25, width=14)  # detached bar
+    draw.line([(100, 70), (95, 140)], fill=25, width=14)
+    draw.arc((80, 120, 200, 250), start=-150, end=150, fill=25, width=14)
+    a = np.asarray(im)
+    assert ndimage.label(a < 128)[1] == 2
+    got = split_digits(a)
+    assert len(got) == 1
+    assert corr(got[0], to_mnist(a)) > 0.95
+
+
+def test_split_digits_max_digits():
+    photo = synth.render_number([mnist_like(k) for k in "1707"], np.random.default_rng(0),
+                                touch_prob=0.0)
+    with pytest.raises(ImageError, match="max_digits"):
+        split_digits(photo, max_digits=3)
+
+
+# ----------------------------------------------------------------------------- load_image
+
+
+def test_load_image_formats(tmp_path):
+    photo = photo_of("7", rgb=True)
+    png = save_png(tmp_path / "d.png", photo)
+    jpg = tmp_path / "d.jpg"
+    Image.fromarray(photo).save(jpg, quality=90)
+    bmp = tmp_path / "d.bmp"
+    Image.fromarray(photo).save(bmp)
+    ref = load_image(png)
+    assert ref.dtype == np.float32 and ref.shape == photo.shape[:2]
+    assert 0.0 <= ref.min() and ref.max() <= 1.0
+    for source in (jpg, bmp, open(png, "rb").read(), io.BytesIO(open(png, "rb").read())):
+        img = load_image(source)
+        assert img.shape == ref.shape and np.abs(img - ref).mean() < 0.02
+    assert corr(to_mnist(load_image(jpg)), to_mnist(photo)) > 0.95
+
+
+def test_load_image_alpha_is_composited_on_white(tmp_path):
+    rgba = np.zeros((120, 120, 4), np.uint8)  # transparent black everywhere ...
+    rgba[30:90, 55:65] = (0, 0, 0, 255)  # ... except an opaque black "1"
+    path = save_png(tmp_path / "alpha.png", rgba)
+    img = load_image(path)
+    assert img[5, 5] > 0.99 and img[60, 60] < 0.01
+    out = to_mnist(img)
+    assert ink_box(out)[0] == 20
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    a = np.full((40, 100), 255, np.uint8)
+    a[:, :10] = 0  # a dark band on the left, in stored orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(a).save(path, exif=exif, quality=95)
+    img = load_image(path)
+    assert img.shape == (100, 40)
+    assert img[:10].mean() < 0.2 and img[-10:].mean() > 0.8  # band now on top
+
+
+def test_load_image_16_bit(tmp_path):
+    a = np.full((30, 30), 60000, np.uint16)
+    a[10:20, 10:20] = 3000
+    path = tmp_path / "deep.png"
+    Image.fromarray(a).save(path)
+    img = load_image(path)
+    assert abs(img[0, 0] - 60000 / 65535) < 0.01 and img[15, 15] < 0.1
+
+
+def test_load_image_errors(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not the pixels you are looking for\n")
+    with pytest.raises(ImageError, match="not an image"):
+        load_image(text)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty"):
+        load_image(empty)
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="directory"):
+        load_image(tmp_path)
+    good = open(save_png(tmp_path / "good.png", photo_of("1", rgb=False)), "rb").read()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        load_image(truncated)
+    with pytest.raises(TypeError):
+        load_image(12345)
+
+
+def test_load_image_blank_file_has_no_ink(tmp_path):
+    path = save_png(tmp_path / "blank.png", np.full((100, 100, 3), 255, np.uint8))
+    with pytest.raises(NoInkError, match="no ink"):
+        to_mnist(load_image(path))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_huge_header_is_refused_before_decoding(tmp_path):
+    # A 70-byte PNG claiming 100000 x 100000 pixels (10 gigapixels).
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match="100000x100000.*MAX_PIXELS") as info:
+        load_image(path)
+    assert not isinstance(info.value, Image.DecompressionBombError)
+    assert info.value.__cause__ is None and info.value.__context__ is None
+
+
+def test_max_pixels_limit(tmp_path, monkeypatch):
+    path = save_png(tmp_path / "small.png", np.full((100, 80), 255, np.uint8))
+    assert load_image(path).shape == (100, 80)
+    monkeypatch.setattr(preprocess, "MAX_PIXELS", 5000)
+    with pytest.raises(ImageError, match="80x100 = 8,000 pixels, over the limit of 5,000"):
+        load_image(path)
