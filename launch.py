@@ -1,6 +1,7 @@
 """Train a recipe: python launch.py --config=configs/resnet.py --workdir=runs/resnet"""
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -28,5 +29,24 @@ def main(argv):
                                       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
 
 
+def parse_flags(argv):
+    """Parses flags, turning a bad --config.* override into one line naming the fix."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        text = str(e).replace("\\", "")
+        names = re.findall(r"'(\w+)'", text)
+        field = names[0] if names else text
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and field in a.split("=")[0]]
+        sys.stderr.write(f"hwrjax: error: the config has no field {field!r} (from {', '.join(bad) or 'an override'}); "
+                         f"{f'did you mean {hint.group(1)!r}? ' if hint else ''}"
+                         "fix the --config.* name (every field is listed in configs/default.py)\n")
+        sys.exit(2)
+    except flags.Error as e:
+        sys.stderr.write(f"hwrjax: error: {e}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

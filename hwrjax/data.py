@@ -104,11 +104,25 @@ def ensure_prepared(config: Any) -> Any:
     return builder
 
 
+_CACHE: dict[tuple, Split] = {}
+_CACHE_LIMIT = 8
+
+
 def _load(builder: Any, split: str) -> Split:
+    """Reads a whole split; repeated reads in one process come from a small in-memory cache."""
     import tensorflow_datasets as tfds
 
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-    return Split(images=np.asarray(data["image"], np.uint8), labels=np.asarray(data["label"], np.int32))
+    key = (builder.info.full_name, str(builder.data_dir), split)
+    if key not in _CACHE:
+        data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+        images = np.asarray(data["image"], np.uint8)
+        labels = np.asarray(data["label"], np.int32)
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = Split(images=images, labels=labels)
+    return _CACHE[key]
 
 
 def load_splits(config: Any) -> Splits:

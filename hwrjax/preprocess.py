@@ -46,6 +46,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from hwrjax.errors import HwrjaxError
+
 __all__ = [
     "ImageError",
     "NoInkError",
@@ -69,12 +71,14 @@ _NOISE_SIGMAS = 6.0  # ink must stand this many noise sigmas above the paper
 _SPECK_FRACTION = 0.04  # components below this fraction of the largest are specks
 _MIN_STROKE = 1.5  # thinner strokes (px, at the 20 px box) are thickened ...
 _TARGET_STROKE = 2.0  # ... to about this width
+_MIN_INK_PX = 4  # ink spanning fewer px (at working resolution) ...
+_MIN_INK_FRACTION = 0.03  # ... or less than this fraction of the shorter side is a dot
 _BBOX_EPS = 0.02  # ink strength counted as ink for the bounding box
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
 
-class ImageError(ValueError):
+class ImageError(HwrjaxError, ValueError):
     """The input cannot be turned into a digit image; the message says why and what to do."""
 
 
@@ -89,7 +93,7 @@ def load_image(source: ImageSource) -> np.ndarray:
     """Reads an image file, bytes or binary stream into a float32 grey array in [0, 1]."""
     fp, name = _open_source(source)
     try:
-        header = _read_header(fp, name)
+        header = _read_header(fp)
         if header is not None:
             _check_size(header.size, name)
         fp.seek(0)
@@ -156,7 +160,7 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
     )
 
 
-def _read_header(fp: BinaryIO, name: str) -> Image.Image | None:
+def _read_header(fp: BinaryIO) -> Image.Image | None:
     """Identifies the format and parses only the header (no pixel data, no bomb guard).
 
     Returns None when no registered Pillow format accepts the data, in which case
@@ -185,7 +189,7 @@ def _read_header(fp: BinaryIO, name: str) -> Image.Image | None:
                     continue
                 fp.seek(0)
                 return factory(fp, "")
-            except (SyntaxError, IndexError, TypeError, ValueError, OSError, struct.error):
+            except Exception:  # Probing only: any plugin failure means "not this format".
                 continue
     return None
 
@@ -366,11 +370,18 @@ def _segment(grey: np.ndarray) -> _Ink:
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     areas[0] = 0
-    min_area = max(2.0, _SPECK_FRACTION * float(areas.max()), (short / 100.0) ** 2)
+    largest = float(areas.max())
+    min_area = min(largest, max(2.0, _SPECK_FRACTION * largest, (short / 100.0) ** 2))
     keep = areas >= min_area
     keep[0] = False
     mask = keep[labels]
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    r0, r1, c0, c1 = _bbox(mask)
+    if max(r1 - r0, c1 - c0) < max(_MIN_INK_PX, _MIN_INK_FRACTION * short):
+        raise NoInkError(
+            f"the only ink found is a {r1 - r0}x{c1 - c0} px dot in a {h}x{w} image "
+            "(after downscaling); crop the image closer to the digit"
+        )
 
     floor = med + 2.0 * noise
     level = float(np.percentile(raw[mask], 90))
@@ -420,10 +431,7 @@ def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rad = int(np.ceil(radius))
         yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
         disk = (yy**2 + xx**2) <= radius**2 + 0.25
-        pad = rad + 1
-        padded = np.pad(soft, pad)
-        thick = ndimage.grey_dilation(padded, footprint=disk)
-        soft = thick
+        soft = ndimage.grey_dilation(np.pad(soft, rad + 1), footprint=disk)
         r0, r1, c0, c1 = _bbox(soft > _BBOX_EPS)
         scale = MNIST_BOX / max(r1 - r0, c1 - c0)
 
@@ -487,7 +495,7 @@ _MERGE_TALL_OVERLAP = 0.8  # ... or by this fraction when both are full height (
 _SPLIT_ASPECT = 1.4  # a group this many digit heights wide holds several digits
 _DIGIT_ASPECT = 0.8  # digits in such a group: round(width / (this * height))
 _TOUCH_ASPECT = 1.1  # a narrower group is one digit; a wider one may be two touching
-_TOUCH_RUN = 4.5  # ... if a column in its middle crosses at most this many stroke widths
+_TOUCH_RUN = 4.5  # ... if a middle column crosses one stroke or this many stroke widths of ink
 _TOUCH_HEIGHT = 0.5  # ... and leaves this fraction of the digit height on both sides
 _LONE_STRICTER = 0.4  # a lone mark measures its own height: both aspects are raised by this
 _FRAGMENT = 0.6  # groups shorter than this fraction of the digit height are fragments ...
@@ -560,20 +568,24 @@ def _groups(ink: _Ink) -> tuple[list[_Group], float]:
     return digits, height
 
 
-def _even_cuts(mask: np.ndarray, pieces: int, height: float) -> list[int]:
-    """Cuts splitting a wide group into `pieces` near even spacing, crossing few strokes.
+def _cut_cost(mask: np.ndarray, height: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the number of separate ink runs, and the cost of cutting there.
 
-    The cost of cutting at a column is the number of separate ink runs it
-    crosses plus half its ink length in digit heights, so a cut prefers a
-    single stroke (a touching point, or two walls pressed together as in
-    "00") over the inside of a loop, which crosses two.
+    The cost is the number of runs plus half the column's ink length in digit
+    heights, so a cut prefers a single stroke (a touching point, or two walls
+    pressed together as in "00") over the inside of a loop, which crosses two.
     """
-    width = mask.shape[1]
     runs = mask[0].astype(np.float64) + (mask[1:] & ~mask[:-1]).sum(axis=0)
-    ink = mask.sum(axis=0) / max(height, 1.0)
+    cost = runs + 0.5 * mask.sum(axis=0) / max(height, 1.0)
+    return runs, cost
+
+
+def _even_cuts(mask: np.ndarray, pieces: int, height: float) -> list[int]:
+    """Cuts splitting a wide group into `pieces` near even spacing, crossing few strokes."""
+    width = mask.shape[1]
+    _, cost_all = _cut_cost(mask, height)
     step = width / pieces
-    size = max(1, round(step / 10))
-    cost_all = ndimage.uniform_filter1d(runs + 0.5 * ink, size)
+    cost_all = ndimage.uniform_filter1d(cost_all, max(1, round(step / 10)))
     cuts = []
     for k in range(1, pieces):
         expected = k * step
@@ -588,26 +600,34 @@ def _even_cuts(mask: np.ndarray, pieces: int, height: float) -> list[int]:
 def _touch_cut(mask: np.ndarray, height: float) -> int | None:
     """Column where two touching digits meet, or None if the group looks like one digit.
 
-    The cut is the column of least ink in the middle half of the group; it is
-    accepted if it crosses at most `_TOUCH_RUN` stroke widths of ink and leaves
-    a mark at least `_TOUCH_HEIGHT` of the digit height tall on either side.
+    Two candidates in the middle half of the group are tried: the cheapest
+    column by `_cut_cost` if it crosses a single stroke (two walls pressed
+    together, as in "00"), else the column of least ink if that is at most
+    `_TOUCH_RUN` stroke widths. The cut must leave a mark at least
+    `_TOUCH_HEIGHT` of the digit height tall on either side.
     """
     w = mask.shape[1]
-    profile = mask.sum(axis=0).astype(np.float64)
     lo, hi = int(0.25 * w), int(0.75 * w) + 1
     if hi - lo < 1:
         return None
     xs = np.arange(lo, hi)
+    centre = np.abs(xs - w / 2) / (w / 2)
+    runs, cost = _cut_cost(mask, height)
+    ink = mask.sum(axis=0).astype(np.float64)
     stroke = max(_stroke_width(mask), 1.0)
-    cost = profile[lo:hi] + 0.5 * stroke * np.abs(xs - w / 2) / (w / 2)
-    cut = int(xs[int(np.argmin(cost))])
-    if profile[cut] > _TOUCH_RUN * stroke:
-        return None
-    for side in (mask[:, :cut], mask[:, cut:]):
-        box = _bbox(side)
-        if box is None or box[1] - box[0] < _TOUCH_HEIGHT * height:
-            return None
-    return cut
+    candidates = []
+    cheapest = int(xs[int(np.argmin(cost[lo:hi] + 0.25 * centre))])
+    if runs[cheapest] == 1:
+        candidates.append(cheapest)
+    thinnest = int(xs[int(np.argmin(ink[lo:hi] + 0.5 * stroke * centre))])
+    if ink[thinnest] <= _TOUCH_RUN * stroke:
+        candidates.append(thinnest)
+    for cut in candidates:
+        sides = (mask[:, :cut], mask[:, cut:])
+        boxes = [_bbox(side) for side in sides]
+        if all(b is not None and b[1] - b[0] >= _TOUCH_HEIGHT * height for b in boxes):
+            return cut
+    return None
 
 
 def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from hwrjax import preprocess, synth
+from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError, NoInkError, load_image, split_digits, to_mnist
 
 # Glyph strokes on a 112x112 canvas (4x supersampled 28x28); each fills rows 16..96,
@@ -86,6 +87,13 @@ def corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.sqrt((a @ a) * (b @ b)))
 
 
+def corr1(a: np.ndarray, b: np.ndarray) -> float:
+    """Best correlation over shifts of up to 1 px: integer centre-of-mass centring
+    can put the same shape one pixel apart (e.g. a symmetric ring whose centre of
+    mass falls on a pixel boundary)."""
+    return max(corr(np.roll(a, (dy, dx), axis=(0, 1)), b) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
 def ink_box(d: np.ndarray, eps: float = 0.0) -> tuple[int, int]:
     """(height, width) of the bounding box of pixels above eps."""
     rows = np.flatnonzero((d > eps).any(axis=1))
@@ -127,7 +135,7 @@ def test_photo_becomes_mnist_digit(kind):
 
 def test_photo_matches_drawn_glyph():
     for kind in ("1", "7", "0"):
-        assert corr(to_mnist(photo_of(kind)), mnist_like(kind)) > 0.8, kind
+        assert corr1(to_mnist(photo_of(kind)), mnist_like(kind)) > 0.8, kind
 
 
 def test_polarity_light_ink_on_dark_gives_same_digit():
@@ -152,6 +160,15 @@ def test_mnist_like_input_passes_through(kind):
     assert np.abs(out - digit).mean() < 0.05
 
 
+def test_thin_pen_strokes_are_thickened():
+    # A ballpoint "7": 2 px strokes on a 320 px digit would vanish at 20 px.
+    im = Image.new("L", (400, 400), 220)
+    _draw_glyph(ImageDraw.Draw(im), "7", (40, 40, 360, 360), width=2, fill=30)
+    out = to_mnist(np.asarray(im))
+    assert out.max() > 0.9 and out.sum() > 40
+    assert corr1(out, mnist_like("7")) > 0.8
+
+
 def test_to_mnist_rejects_bad_arrays():
     with pytest.raises(ImageError, match="empty"):
         to_mnist(np.zeros((0, 5), np.float32))
@@ -171,6 +188,7 @@ def test_blank_images_have_no_ink():
     with pytest.raises(NoInkError):
         split_digits(white)
     assert issubclass(NoInkError, ImageError) and issubclass(ImageError, ValueError)
+    assert issubclass(ImageError, HwrjaxError)
 
 
 def test_small_specks_are_ignored():
@@ -194,7 +212,7 @@ def test_render_photo_round_trip_and_determinism():
         # Dark ink on light paper.
         grey = photo if photo.ndim == 2 else photo.mean(axis=2)
         assert np.median(grey) > 120 and grey.min() < np.median(grey) - 80
-        assert corr(to_mnist(photo), digit) > 0.8, kind
+        assert corr1(to_mnist(photo), digit) > 0.8, kind
     a = synth.render_photo(mnist_like("7"), np.random.default_rng(7))
     b = synth.render_photo(mnist_like("7"), np.random.default_rng(7))
     c = synth.render_photo(mnist_like("7"), np.random.default_rng(8))
@@ -224,8 +242,8 @@ def test_split_digits_recovers_number_in_order(kinds, seed):
     assert len(got) == len(sources)
     for i, d in enumerate(got):
         assert d.shape == (28, 28)
-        scores = [corr(d, s) for s in sources]
-        assert scores[i] > 0.75
+        scores = [corr1(d, s) for s in sources]
+        assert scores[i] > 0.8
         # Best match is the source in the same position (ignoring repeated glyphs).
         assert kinds[int(np.argmax(scores))] == kinds[i]
 
@@ -241,16 +259,20 @@ def test_touching_digits_are_split():
     assert n == 1  # really touching
     got = split_digits(a.astype(np.uint8))
     assert len(got) == 2
-    assert corr(got[0], got[1]) > 0.8  # both halves look like the same ring
-    # A touching pair inside a longer number.
-    zero = mnist_like("0")
-    photo = np.asarray(Image.fromarray(
-        synth.render_number([mnist_like("1"), zero, zero], np.random.default_rng(5),
-                            touch_prob=0.0, gap=(3, 3))))
-    assert len(split_digits(photo)) == 3
-    touching = synth.render_number([mnist_like("1"), zero, zero, mnist_like("7")],
-                                   np.random.default_rng(6), touch_prob=1.0)
-    assert len(split_digits(touching)) == 4
+    ring = to_mnist(a[:, :230].astype(np.uint8))  # the left ring alone
+    for d in got:
+        assert d[14, 14] < 0.2 and corr1(d, ring) > 0.8  # each half is a whole ring
+    # A touching pair inside a longer number: "1", then "00" touching, then "7".
+    im = Image.new("RGB", (760, 300), (220, 220, 205))
+    draw = ImageDraw.Draw(im)
+    for kind, left in (("1", 20), ("0", 200), ("0", 290), ("7", 470)):
+        _draw_glyph(draw, kind, (left, 20, left + 220, 240), width=20, fill=(30, 30, 60))
+    photo = np.asarray(im)
+    assert ndimage.label(photo.mean(axis=2) < 128)[1] == 3
+    got = split_digits(photo)
+    assert len(got) == 4
+    for d, kind in zip(got, "1007"):
+        assert corr1(d, mnist_like(kind)) > 0.7, kind
 
 
 def test_broken_digit_is_one_digit():

@@ -1,0 +1,375 @@
+"""Read handwritten digits and numbers with a trained model: a Python API and `hwrjax predict`.
+
+    rec = Recognizer.from_workdir("runs/resnet")
+    for r in rec.recognize(["2026.jpg", png_bytes, mnist_array], mode="number"):
+        print(r.text, r.probabilities, r.error)
+
+Inputs are paths, bytes, binary streams or numpy arrays. A 28x28 (or 28x28x1) array is
+taken as already in MNIST form (white ink on black, uint8 0..255 or float 0..1) and is
+classified as it is; every other input goes through `hwrjax.preprocess` (`to_mnist` in
+"digit" mode, `split_digits` in "number" mode). All digit crops of a batch are classified
+in one model call, padded to a power-of-two batch size so each size is compiled once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, BinaryIO, Iterable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hwrjax import checkpoint, models, preprocess
+from hwrjax.errors import CheckpointError, HwrjaxError
+from hwrjax.preprocess import ImageError
+
+__all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "predict_main"]
+
+MODES = ("number", "digit")
+# Extensions `hwrjax predict` picks up when it walks a folder (files named directly are always read).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+MNIST_SHAPE = (28, 28)
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, np.ndarray]
+
+
+@dataclasses.dataclass
+class Reading:
+    """What was read from one input image.
+
+    `text` is the digits left to right ("" on error); `probabilities[i]` is the model's
+    probability of `digits[i]`; `probs[i]` is the full class distribution of digit i;
+    `latency_ms` is this input's preprocessing time plus the model call(s) that classified
+    it; `error` is None or a one-line message saying what was wrong with the input.
+    """
+
+    text: str
+    digits: list[int]
+    probabilities: list[float]
+    probs: list[list[float]]
+    latency_ms: float
+    error: str | None = None
+
+    @property
+    def probability(self) -> float | None:
+        """The least confident digit's probability (None when nothing was read)."""
+        return min(self.probabilities) if self.probabilities else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The reading as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_probabilities(cls, probs: np.ndarray, latency_ms: float) -> "Reading":
+        """The reading of k digits whose class probabilities are `probs` [k, classes]."""
+        digits = [int(i) for i in np.argmax(probs, axis=-1)]
+        return cls(text="".join(str(d) for d in digits), digits=digits,
+                   probabilities=[float(probs[i, d]) for i, d in enumerate(digits)],
+                   probs=[[float(v) for v in row] for row in probs], latency_ms=round(latency_ms, 3))
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _infer_num_classes(model_config: Any, dtype: str, params: Any) -> int:
+    """Finds the class count of saved params: the leaf whose shape follows `num_classes`."""
+    x = jnp.zeros((1, *MNIST_SHAPE, 1), jnp.float32)
+    shapes = []
+    for n in (10, 11):
+        model = models.create_model(model_config, num_classes=n, dtype=dtype)
+        abstract = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x, train=False))
+        shapes.append(jax.tree_util.tree_flatten_with_path(abstract["params"])[0])
+    for (path, a), (_, b) in zip(*shapes):
+        if a.shape != b.shape:
+            axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
+            leaf = params
+            for key in path:
+                leaf = leaf[key.key]
+            return int(np.shape(leaf)[axis])
+    raise CheckpointError("cannot tell the number of classes of this model from its parameters")
+
+
+class Recognizer:
+    """A trained classifier plus preprocessing; `recognize` reads a batch of images.
+
+    Thread-safe: model calls are serialized by a lock, preprocessing runs in the caller's
+    thread. The model function is jit-compiled once per batch-size bucket (1, 2, 4, ...,
+    `max_batch`); larger batches are classified in chunks of `max_batch`.
+    """
+
+    def __init__(self, model: Any, variables: dict, *, max_digits: int = 12, max_batch: int = 256,
+                 step: int | None = None, name: str = ""):
+        if max_batch < 1 or max_batch & (max_batch - 1):
+            raise ValueError(f"max_batch must be a positive power of two, got {max_batch}")
+        variables = dict(variables)
+        if not variables.get("batch_stats"):
+            variables.pop("batch_stats", None)
+        self.model = model
+        self.variables = jax.device_put(variables)
+        self.max_digits = max_digits
+        self.max_batch = max_batch
+        self.step = step
+        self.name = name
+        self._lock = threading.Lock()
+        self._traces = 0
+        self._predict = jax.jit(self._probabilities)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, checkpoint: str | int = "best", **kwargs: Any) -> "Recognizer":
+        """Loads the model of a training run: the best checkpoint, "latest", or a step number."""
+        if not os.path.isdir(workdir):
+            raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run")
+        config = _load_config(workdir)
+        variables, step = _load_variables(workdir, checkpoint)
+        try:
+            num_classes = _infer_num_classes(config.model, config.dtype, variables["params"])
+            model = models.create_model(config.model, num_classes=num_classes, dtype=config.dtype)
+        except (KeyError, AttributeError, TypeError) as e:
+            raise CheckpointError(f"the model in {workdir} does not match its config.json ({e}); "
+                                  "pass the workdir the checkpoint was trained in") from None
+        logging.info("Loaded %s (step %d, %d classes) from %s.", config.model.name, step, num_classes, workdir)
+        return cls(model, variables, step=step, name=str(config.model.name), **kwargs)
+
+    # ---------------------------------------------------------------- the model call
+
+    def _probabilities(self, variables: dict, images: jax.Array) -> jax.Array:
+        self._traces += 1  # Runs only while tracing: counts compilations.
+        logits = self.model.apply(variables, images, train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the model function was traced (= compiled); one per bucket used."""
+        return self._traces
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size used for `n` crops (at most `max_batch`; more are chunked)."""
+        return min(_next_power_of_two(n), self.max_batch)
+
+    def warmup(self, max_size: int = 16) -> None:
+        """Compiles the buckets up to `max_size` so first requests are not slow."""
+        size = 1
+        while size <= min(max_size, self.max_batch):
+            self.classify(np.zeros((size, *MNIST_SHAPE), np.float32))
+            size *= 2
+
+    def classify(self, crops: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] of N MNIST-form crops [N, 28, 28] in [0, 1]."""
+        probs, _ = self._classify_timed(crops)
+        return probs
+
+    def _classify_timed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities, and per crop the milliseconds of the model call that classified it."""
+        crops = np.asarray(crops, np.float32)
+        n = crops.shape[0]
+        out, ms = [], np.zeros(n, np.float64)
+        for start in range(0, n, self.max_batch):
+            chunk = crops[start:start + self.max_batch]
+            size = self.bucket(len(chunk))
+            batch = np.zeros((size, *MNIST_SHAPE, 1), np.float32)
+            batch[:len(chunk), ..., 0] = chunk
+            with self._lock:
+                t0 = time.perf_counter()
+                probs = np.asarray(self._predict(self.variables, batch))
+                ms[start:start + len(chunk)] = (time.perf_counter() - t0) * 1e3
+            out.append(probs[:len(chunk)])
+        if not out:
+            return np.zeros((0, 0), np.float32), ms
+        return np.concatenate(out), ms
+
+    # ---------------------------------------------------------------- inputs
+
+    def prepare(self, image: ImageInput, mode: str = "number") -> np.ndarray:
+        """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode); raises ImageError."""
+        _check_mode(mode)
+        if isinstance(image, np.ndarray) or hasattr(image, "__array__") and not isinstance(image, (bytes, str)):
+            array = np.asarray(image)
+            if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
+                return _mnist_form(array.reshape(MNIST_SHAPE))[None]
+            grey = array
+        else:
+            grey = preprocess.load_image(image)
+        if mode == "digit":
+            return preprocess.to_mnist(grey)[None]
+        return np.stack(preprocess.split_digits(grey, max_digits=self.max_digits))
+
+    def read(self, image: ImageInput, mode: str = "number") -> Reading:
+        """Reads one image; raises ImageError (not a Reading with `error`) when it cannot."""
+        t0 = time.perf_counter()
+        probs = self.classify(self.prepare(image, mode))
+        return Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3)
+
+    def recognize(self, images: Sequence[ImageInput] | ImageInput, mode: str = "number") -> list[Reading]:
+        """Reads each image of a batch; an unreadable image gets a Reading with `error` set."""
+        _check_mode(mode)
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray)) or hasattr(images, "read"):
+            images = [images]
+        crops, counts, prep_ms, errors = [], [], [], []
+        for image in images:
+            t0 = time.perf_counter()
+            error = None
+            try:
+                item = self.prepare(image, mode)
+            except ImageError as e:
+                item, error = None, str(e)
+            except HwrjaxError as e:
+                item, error = None, str(e)
+            except Exception as e:  # A bug must not sink the rest of the batch; it is logged in full.
+                logging.exception("Unexpected error while reading input %d", len(counts))
+                item, error = None, f"unexpected error ({type(e).__name__}: {e}); please report it"
+            prep_ms.append((time.perf_counter() - t0) * 1e3)
+            errors.append(error)
+            counts.append(0 if item is None else len(item))
+            if item is not None:
+                crops.append(item)
+        if crops:
+            probs, model_ms = self._classify_timed(np.concatenate(crops))
+        else:
+            probs, model_ms = np.zeros((0, 0), np.float32), np.zeros(0)
+        readings, offset = [], 0
+        for k, ms, error in zip(counts, prep_ms, errors):
+            if error is not None:
+                readings.append(Reading("", [], [], [], round(ms, 3), error))
+                continue
+            p = probs[offset:offset + k]
+            model = float(sum(set(model_ms[offset:offset + k].tolist())))
+            offset += k
+            readings.append(Reading.from_probabilities(p, ms + model))
+        return readings
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _mnist_form(a: np.ndarray) -> np.ndarray:
+    """A 28x28 MNIST-form array (uint8 0..255 or float 0..1) as float32 in [0, 1]."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        return np.clip(a.astype(np.float32) / 255.0, 0.0, 1.0)
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ImageError("28x28 array contains NaN or infinite values; clean it first")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 255:
+        raise ImageError(f"28x28 array values span [{lo:g}, {hi:g}]; pass MNIST form: 0..1 floats or 0..255")
+    return a / 255.0 if hi > 1.0 else a
+
+
+def _load_config(workdir: str):
+    config = checkpoint.load_config(workdir)
+    if "model" not in config or "name" not in config.model:
+        raise CheckpointError(f"{workdir}/config.json has no model section; pass the workdir of a training run")
+    if "dtype" not in config:
+        config.dtype = "float32"
+    return config
+
+
+def _load_variables(workdir: str, which: str | int) -> tuple[dict, int]:
+    if isinstance(which, str) and which not in ("best", "latest"):
+        if not which.isdigit():
+            raise CheckpointError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
+        which = int(which)
+    return checkpoint.load_variables(workdir, which)
+
+
+# -------------------------------------------------------------------- hwrjax predict
+
+
+def find_images(paths: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Expands folders (recursively, image extensions only); returns (path, error or None) rows."""
+    rows: list[tuple[str, str | None]] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            rows.append((path, None))  # A named file is always tried; load_image reports problems.
+            continue
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if found:
+            rows += [(f, None) for f in found]
+        else:
+            rows.append((path, f"folder {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+    return rows
+
+
+def _row(path: str, reading: Reading) -> dict[str, Any]:
+    return {"path": path, "text": reading.text, "digits": reading.digits,
+            "probability": None if reading.probability is None else round(reading.probability, 6),
+            "probabilities": [round(p, 6) for p in reading.probabilities],
+            "time_ms": round(reading.latency_ms, 2), "error": reading.error}
+
+
+def _format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=1) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "text", "probability", "probabilities", "time_ms", "error"])
+        for r in rows:
+            writer.writerow([r["path"], r["text"], "" if r["probability"] is None else f"{r['probability']:.6f}",
+                             " ".join(f"{p:.6f}" for p in r["probabilities"]), f"{r['time_ms']:.2f}",
+                             r["error"] or ""])
+        return buf.getvalue()
+    header = ["path", "text", "prob", "ms", "error"]
+    table = [[r["path"], r["text"], "" if r["probability"] is None else f"{r['probability']:.4f}",
+              f"{r['time_ms']:.1f}", r["error"] or ""] for r in rows]
+    widths = [max(len(header[i]), *(len(t[i]) for t in table)) for i in range(len(header) - 1)]
+    lines = []
+    for cells in [header] + table:
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1]
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def predict_main(argv: list[str]) -> int:
+    """`hwrjax predict`: reads digits from image files; exit 0 if any image was read, 1 if none, 2 on usage errors."""
+    parser = argparse.ArgumentParser(
+        prog="hwrjax predict",
+        description="Read handwritten digits or numbers from image files (PNG, JPEG, BMP, ...) or folders of them.",
+        epilog="Exit status: 0 if at least one image was read, 1 if none could be, 2 for bad options or workdir.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    parser.add_argument("--workdir", required=True, help="workdir of a training run")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    parser.add_argument("--mode", choices=MODES, default="number",
+                        help="number: split into digits and read them all (default); digit: one digit per image")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    parser.add_argument("--batch-size", type=int, default=64, help="images read per model call (default 64)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+
+    from hwrjax.logs import quiet_library_logs
+
+    quiet_library_logs()
+    try:
+        recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+    except HwrjaxError as e:
+        sys.stderr.write(f"hwrjax predict: error: {e}\n")
+        return 2
+    items = find_images(args.paths)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        todo = [path for path, error in chunk if error is None]
+        readings = iter(recognizer.recognize(todo, mode=args.mode)) if todo else iter(())
+        for path, error in chunk:
+            reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
+            rows.append(_row(path, reading))
+    sys.stdout.write(_format_rows(rows, args.format))
+    return 0 if any(r["error"] is None for r in rows) else 1

@@ -1,0 +1,59 @@
+"""Shared fixtures: a workdir holding an (untrained) checkpoint, without needing any dataset."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from configs import default
+from hwrjax import checkpoint, models, optim, train
+
+
+def make_workdir(path: str, config=None, seed: int = 0) -> str:
+    """Writes config.json and a best + latest checkpoint of a freshly initialized model to `path`."""
+    config = config or small_resnet_config()
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+    model = models.create_model(config.model, num_classes=10, dtype=config.dtype)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, 10, config.num_epochs))
+    state = train.create_train_state(model, tx, jax.random.key(seed))
+    ckpt = checkpoint.Checkpointer(path, keep=2, async_save=False)
+    meta = {"best_val_accuracy": 0.1, "best_step": 0, "epochs_without_improvement": 0,
+            "stopped_early": False, "wall_time_s": 0.0}
+    ckpt.save(0, state, meta)
+    ckpt.save_best(0, state, meta)
+    ckpt.close()
+    return path
+
+
+def small_resnet_config():
+    """The ResNet smoke-sized config used by fixtures."""
+    c = default.get_config()
+    default.smoke(c)
+    c.model.stage_sizes = (1, 1)
+    c.model.stage_widths = (8, 16)
+    c.model.stem_width = 8
+    return c
+
+
+@pytest.fixture
+def untrained_workdir(tmp_path):
+    """A workdir with config.json and an untrained small ResNet checkpoint (no data needed)."""
+    return make_workdir(str(tmp_path / "run"))
+
+
+def mnist_available() -> bool:
+    """True when the real MNIST is prepared in $TFDS_DATA_DIR."""
+    d = os.environ.get("TFDS_DATA_DIR")
+    return bool(d) and os.path.isdir(os.path.join(d, "mnist"))
+
+
+@pytest.fixture
+def require_mnist():
+    """Skips (or in CI, fails) a test that needs the real MNIST when it is not prepared."""
+    if not mnist_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
+        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")

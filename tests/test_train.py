@@ -1,0 +1,166 @@
+"""Train/eval steps as a library, full-split evaluation, reproducibility and config checks."""
+
+import hashlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hwrjax
+from configs import mlp as mlp_config
+from configs import resnet as resnet_config
+from hwrjax import checkpoint, data, losses, models, parallel, train
+from hwrjax.errors import ConfigError
+
+
+class TinyNet(nn.Module):
+    """A model defined outside hwrjax, as another project would."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), strides=(2, 2))(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x).reshape((x.shape[0], -1))
+        x = nn.Dropout(0.1, deterministic=not train)(x)
+        return nn.Dense(10)(x)
+
+
+def _toy_batch(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.zeros((n, 28, 28, 1), np.float32)
+    for i, y in enumerate(labels):  # each class lights a different band: learnable
+        images[i, 2 * y:2 * y + 3, :, 0] = 1.0
+    images += 0.1 * rng.random(images.shape, dtype=np.float32)
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels, jnp.int32)}
+
+
+def test_public_api_trains_a_user_model_with_a_user_optimizer():
+    state = hwrjax.create_train_state(TinyNet(), optax.adam(1e-2), jax.random.key(0))
+    assert "batch_stats" in jax.tree_util.tree_structure(state).__repr__() or state.batch_stats
+    batch = _toy_batch()
+    before = hwrjax.summarize_eval(jax.device_get(hwrjax.eval_step(state, batch)))
+    stats0 = jax.tree.leaves(state.batch_stats)
+    for step in range(30):
+        state, metrics = hwrjax.train_step(state, batch, jax.random.fold_in(jax.random.key(1), step))
+    after = hwrjax.summarize_eval(jax.device_get(hwrjax.eval_step(state, batch)))
+    assert int(state.step) == 30
+    assert set(metrics) == {"loss", "accuracy", "grad_norm"}
+    assert after["loss"] < before["loss"] * 0.5 and after["accuracy"] > 0.9
+    assert any(not np.allclose(a, b) for a, b in zip(stats0, jax.tree.leaves(state.batch_stats)))
+    # Any per-example loss can be plugged in.
+    _, m = hwrjax.train_step(state, batch, jax.random.key(2), loss_fn=losses.multiclass_hinge)
+    assert np.isfinite(float(m["loss"]))
+
+
+def test_train_step_is_pure():
+    state = hwrjax.create_train_state(TinyNet(), optax.sgd(0.1), jax.random.key(0))
+    batch, key = _toy_batch(), jax.random.key(5)
+    a, ma = hwrjax.train_step(state, batch, key)
+    b, mb = hwrjax.train_step(state, batch, key)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    assert float(ma["loss"]) == float(mb["loss"])
+    assert int(state.step) == 0  # the input state is untouched
+
+
+@pytest.mark.parametrize("n,batch_size", [(1003, 100), (7, 4), (200, 200)])
+def test_evaluation_counts_every_example_exactly_once(n, batch_size):
+    rng = np.random.default_rng(n)
+    split = data.Split(images=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                       labels=rng.integers(0, 10, n).astype(np.int32))
+    model = models.MLP(hidden_sizes=(16,))
+    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+    mesh = parallel.make_mesh()
+    result = train.make_evaluate(losses.cross_entropy, mesh)(state, train.EvalSet(split, batch_size, mesh))
+    logits = model.apply({"params": state.params}, jnp.asarray(split.images, jnp.float32) / 255.0)
+    expected_acc = float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
+    expected_loss = float(np.mean(losses.cross_entropy(logits, jnp.asarray(split.labels))))
+    assert result["num_examples"] == n
+    assert result["accuracy"] == pytest.approx(expected_acc, abs=1e-9)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_epoch_order_is_a_keyed_permutation():
+    keys = hwrjax.RunKeys.from_seed(3)
+    a = np.asarray(train.epoch_order(keys.order, 0, 1000))
+    assert sorted(a) == list(range(1000))
+    assert np.array_equal(a, np.asarray(train.epoch_order(keys.order, 0, 1000)))
+    assert not np.array_equal(a, np.asarray(train.epoch_order(keys.order, 1, 1000)))
+    other = hwrjax.RunKeys.from_seed(4)
+    assert not np.array_equal(a, np.asarray(train.epoch_order(other.order, 0, 1000)))
+
+
+def _param_digest(workdir):
+    variables, _ = checkpoint.load_variables(workdir, "latest")
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(variables):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_parameters_different_seed_different(tmp_path, require_mnist):
+    c = resnet_config.get_config("smoke")
+    c.num_epochs = 1
+    c.dataset.limit_train = 640
+    c.dataset.test_split = "test[:300]"
+    digests = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        c.seed = seed
+        result = train.train_and_evaluate(c, str(tmp_path / name))
+        assert result["num_examples"] == 300
+        digests.append(_param_digest(str(tmp_path / name)))
+    print("parameter sha256:", digests)
+    assert digests[0] == digests[1]
+    assert digests[0] != digests[2]
+
+
+def test_training_learns_on_real_mnist(tmp_path, require_mnist):
+    c = mlp_config.get_config("smoke")
+    result = train.train_and_evaluate(c, str(tmp_path / "mlp"))
+    # 2 epochs on 2,048 examples: far above chance (10%).
+    assert result["accuracy"] > 0.75
+    assert result["num_examples"] == 1000
+
+
+def test_validate_config_errors():
+    def check(pattern, **changes):
+        c = resnet_config.get_config()
+        for path, value in changes.items():
+            node = c
+            *parents, leaf = path.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        with pytest.raises(ConfigError, match=pattern):
+            train.validate_config(c, num_devices=2)
+
+    check("batch_size must be a positive integer", batch_size=0)
+    check("does not divide over 2 devices", batch_size=129)
+    check("eval_batch_size=999 does not divide", eval_batch_size=999)
+    check("num_epochs must be a positive integer", num_epochs=-1)
+    check("unknown model", **{"model.name": "vgg"})
+    check("unknown loss", **{"loss.name": "focal"})
+    check("unknown optimizer", **{"optimizer.name": "lion"})
+    check("unknown schedule", **{"schedule.name": "linear"})
+    check("learning_rate must be > 0", **{"optimizer.learning_rate": -0.1})
+    check("dropout_rate", **{"model.dropout_rate": 1.5})
+    check("unknown config.parallel", parallel="fsdp")
+
+
+def test_workdir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        train.check_workdir(str(blocker / "run"))
+
+
+def test_config_differences_lists_changed_fields():
+    a = resnet_config.get_config()
+    b = resnet_config.get_config()
+    b.optimizer.learning_rate = 0.05
+    b.model.stage_sizes = (1, 1, 1)
+    diffs = train.config_differences(train._config_dict(a), train._config_dict(b))
+    assert diffs == ["model.stage_sizes: [2, 2, 2] -> [1, 1, 1]", "optimizer.learning_rate: 0.1 -> 0.05"]
