@@ -18,7 +18,7 @@ def get_config(arg: str = ""):
     c.optimizer.learning_rate = 2e-3
     c.optimizer.weight_decay = 1e-4
     c.optimizer.weight_decay_mode = "decoupled"
-    c.num_epochs = 10
+    c.num_epochs = 6
     if arg == "smoke":
         default.smoke(c)
         c.dataset.test_split = "test[:1000]"

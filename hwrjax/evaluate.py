@@ -508,8 +508,7 @@ def write_training_report(workdir: str, history_rows: Sequence[Mapping[str, Any]
     the same files `hwrjax evaluate --workdir=WORKDIR` writes.
     """
     rows = read_history(workdir) if history_rows is None else list(history_rows)
-    stem = "test" if test is not None and test.split == "test" else None
-    return write_pictures(workdir, rows, test, stem=stem, step=step, tensorboard=tensorboard)
+    return write_pictures(workdir, rows, test, step=step, tensorboard=tensorboard)
 
 
 # --------------------------------------------------------------------------------------

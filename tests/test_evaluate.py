@@ -8,14 +8,13 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import optax
 import pytest
 from PIL import Image
 
 import conftest
-from hwrjax import data, evaluate, metrics, models, train
+from hwrjax import data, evaluate, metrics, train
 from hwrjax.errors import CheckpointError, DataError
 
 SPLIT = "test[:200]"
@@ -53,7 +52,7 @@ def runs(tmp_path_factory):
         pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
     root = tmp_path_factory.mktemp("runs")
     config = conftest.small_resnet_config()
-    config.dataset.test_split = "test[:100]"
+    config.dataset.test_split = SPLIT  # `--split=test` means this
     a = conftest.make_workdir(str(root / "a"), config, seed=0)
     b = conftest.make_workdir(str(root / "b"), config, seed=1)
     fashion_config = conftest.small_resnet_config()
@@ -73,7 +72,7 @@ def runs(tmp_path_factory):
         f.write('{"step": 64, "test_acc')  # a line cut short by a crash is skipped
     os.makedirs(os.path.join(a, "report"))
     with open(os.path.join(a, "report", "test_metrics.json"), "w") as f:
-        json.dump({"accuracy": 0.5, "loss": 1.0, "num_examples": 100, "wall_time_s": 12.5, "num_params": 1234,
+        json.dump({"accuracy": 0.5, "loss": 1.0, "num_examples": N, "wall_time_s": 12.5, "num_params": 1234,
                    "best_val_accuracy": 0.875, "step": 64}, f)
     return {"a": a, "b": b, "fashion": fashion, "empty": str(empty), "config": config}
 
@@ -115,7 +114,8 @@ def test_test_alias_is_the_runs_test_split_and_keeps_training_fields(runs):
     assert rc == 0, err
     with open(os.path.join(runs["a"], "report", "test_metrics.json")) as f:
         report = json.load(f)
-    assert report["split"] == "test[:100]" and report["num_examples"] == 100 and "per_class" in report
+    assert report["requested_split"] == "test" and report["split"] == SPLIT and report["num_examples"] == N
+    assert "per_class" in report and report["accuracy"] != 0.5
     assert (report["wall_time_s"], report["num_params"], report["best_val_accuracy"]) == (12.5, 1234, 0.875)
     config = runs["config"]
     assert evaluate.resolve_split(config, "validation") == ("train[59500:]", 500)
@@ -172,13 +172,17 @@ def test_pictures_and_tensorboard_images(single, runs):
 
     import tensorflow as tf
 
+    def decode(png: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(png)) as im:
+            return np.asarray(im.convert("RGB"))
+
     images = {}
     tb = os.path.join(runs["a"], "tensorboard")
     for name in os.listdir(tb):
         for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, name)):
             for value in event.summary.value:
                 if value.HasField("image"):
-                    images[value.tag] = tf.io.decode_png(value.image.encoded_image_string).numpy()
+                    images[value.tag] = decode(value.image.encoded_image_string)
     np.testing.assert_array_equal(images["report/test_0-200_confusion_matrix"], heatmap)
     np.testing.assert_array_equal(images["report/training_curves"], curves)
     assert "report/test_0-200_mistakes" in images
@@ -186,12 +190,12 @@ def test_pictures_and_tensorboard_images(single, runs):
 
 def test_write_training_report_from_a_train_state(runs, test_slice, tmp_path):
     images, labels = test_slice
-    config = runs["config"]
-    # The state train.py has at the end; seed 0 is run a's checkpoint, so predictions agree.
-    model = models.create_model(config.model, 10, dtype=config.dtype)
-    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
-    probs = evaluate.predict_probs(state, images, batch_size=config.eval_batch_size)
-    np.testing.assert_allclose(probs, evaluate.predict_probs(runs["a"], images), atol=1e-5)
+    loaded = evaluate.load_model(runs["a"])
+    # What train.py has at the end of training: a TrainState.
+    state = train.TrainState.create(apply_fn=loaded.apply_fn, params=loaded.variables["params"],
+                                    tx=optax.sgd(0.1), batch_stats=loaded.variables["batch_stats"])
+    probs = evaluate.predict_probs(state, images, batch_size=runs["config"].eval_batch_size)
+    np.testing.assert_array_equal(probs, evaluate.predict_probs(loaded, images))
     shutil.copy(os.path.join(runs["a"], "metrics.jsonl"), tmp_path / "metrics.jsonl")
     test = evaluate.SplitPredictions(images, labels, probs, ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"))
     paths = evaluate.write_training_report(str(tmp_path), None, test, step=64)

@@ -1,8 +1,8 @@
 """Tests for hwrjax.serve: the JSON API, upload limits, errors, and concurrency.
 
-In-process tests use Starlette's TestClient; the concurrency tests run a real uvicorn
-on a free 127.0.0.1 port. The model is untrained: results are compared with the
-Recognizer's own reading of the same bytes, not with the true digits.
+The app runs under a real uvicorn on a free 127.0.0.1 port (in a thread); raw ASGI calls
+check that oversized bodies are refused before they are read. The model is untrained:
+results are compared with the Recognizer's own reading of the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from starlette.testclient import TestClient
 
 from hwrjax.recognize import Recognizer
 from hwrjax.serve import create_app, serve_in_thread
@@ -35,8 +34,9 @@ def recognizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(recognizer):
-    with TestClient(create_app(recognizer, max_upload_bytes=LIMIT)) as c:
-        yield c
+    with serve_in_thread(create_app(recognizer, max_upload_bytes=LIMIT)) as url:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            yield c
 
 
 @pytest.fixture(scope="module")

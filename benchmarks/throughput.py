@@ -1,0 +1,95 @@
+"""Train-step throughput of each recipe's model at its batch size, and the input pipeline's share.
+
+  python benchmarks/throughput.py                       # resnet, cnn, mlp
+  python benchmarks/throughput.py --configs=resnet --repeats=7 --steps=10
+
+For each recipe: compile time of the training step, images/s of the step on a batch already
+on device, and images/s of the fused step the trainer runs (gather by index + augmentation +
+step) on the whole dataset held on device; the difference is the input pipeline's share.
+Figures are medians over --repeats timed runs of --steps steps each.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["resnet", "cnn", "mlp"], "Recipes under configs/ to measure.")
+flags.DEFINE_integer("steps", 10, "Steps per timed run.")
+flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.")
+flags.DEFINE_integer("num_train", 55_000, "Size of the on-device training set for the fused step.")
+flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
+
+
+def _time(fn, state, steps: int, repeats: int) -> tuple[float, object]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = fn(state)
+        jax.block_until_ready(metrics)
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times)), state
+
+
+def measure(name: str) -> dict:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    mesh = parallel.make_mesh()
+    b = config.batch_size
+    model = models.create_model(config.model, 10, dtype=config.dtype)
+    tx = optim.make_optimizer(config, optim.make_schedule(config, FLAGS.num_train // b, config.num_epochs))
+    keys = rng.RunKeys.from_seed(0)
+    loss_fn = losses.get_loss(config.loss)
+    state = train.create_train_state(model, tx, keys.init)
+    data_rng = np.random.default_rng(0)
+    images = jnp.asarray(data_rng.integers(0, 256, (FLAGS.num_train, 28, 28, 1), dtype=np.uint8))
+    labels = jnp.asarray(data_rng.integers(0, 10, FLAGS.num_train).astype(np.int32))
+    batch = {"image": train.to_float_images(images[:b]), "label": labels[:b]}
+
+    plain = jax.jit(lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = plain.lower(state, batch, keys.dropout).compile()
+    compile_s = time.perf_counter() - start
+    state, _ = compiled(state, batch, keys.dropout)
+    step_s, state = _time(lambda s: compiled(s, batch, keys.dropout), state, FLAGS.steps, FLAGS.repeats)
+
+    fused = train.make_fused_train_step(loss_fn, augment.AugmentParams.from_config(config.augment), keys,
+                                        FLAGS.num_train, b, mesh)
+    order = train.epoch_order(keys.order, 0, FLAGS.num_train)
+    state, _ = fused(state, images, labels, order)
+    fused_s, state = _time(lambda s: fused(s, images, labels, order), state, FLAGS.steps, FLAGS.repeats)
+    return {"config": name, "model": config.model.name, "batch_size": b, "compile_s": compile_s,
+            "step_images_per_s": b / step_s, "pipeline_images_per_s": b / fused_s,
+            "input_pipeline_share": max(0.0, (fused_s - step_s) / fused_s),
+            "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+
+
+def main(argv):
+    del argv
+    rows = [measure(name) for name in FLAGS.configs]
+    print(f"{'config':<8} {'batch':>5} {'params':>9} {'compile s':>9} {'step img/s':>10} {'train img/s':>11} "
+          f"{'input share':>11}   (jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
+    for r in rows:
+        print(f"{r['config']:<8} {r['batch_size']:>5} {r['params']:>9,} {r['compile_s']:>9.1f} "
+              f"{r['step_images_per_s']:>10.0f} {r['pipeline_images_per_s']:>11.0f} {r['input_pipeline_share']:>10.1%}")
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
