@@ -18,6 +18,7 @@ import concurrent.futures
 import io
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if bool(FLAGS.workdir) == bool(FLAGS.url):
         raise app.UsageError("pass exactly one of --workdir (start a server) and --url (use a running one)")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     photos = digit_photos()
     proc = None
     try:

@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 100  # train metrics (and the only host sync) every N steps
     c.progress = True  # a progress display when stderr is a terminal
+    c.report_plots = True  # training curves, confusion matrix and mistakes as PNG in WORKDIR/report at the end
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # also saved at every epoch end; 0 means epoch ends only
@@ -91,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.early_stopping.min_delta = 0.0  # improvement in validation accuracy that counts
 
     c.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.parallel = "jit"  # jit (sharded over a ('data',) mesh)
+    c.parallel = "jit"  # jit: one program sharded over a ('data',) mesh | pmap: the same step under jax.pmap
     return c
 
 

@@ -46,16 +46,15 @@ class AugmentParams:
         return all(getattr(self, f.name) == 0 for f in dataclasses.fields(self) if f.name != "elastic_sigma")
 
 
-def _affine_matrices(key: jax.Array, n: int, p: AugmentParams) -> jnp.ndarray:
-    """Draws n 2x2 matrices mapping output offsets to input offsets (inverse transforms)."""
+def _affine_matrix(key: jax.Array, p: AugmentParams) -> jnp.ndarray:
+    """Draws one 2x2 matrix mapping output offsets to input offsets (an inverse transform)."""
     k_rot, k_scale, k_shear = jax.random.split(key, 3)
-    rot = jnp.deg2rad(p.rotation_deg) * jax.random.uniform(k_rot, (n,), minval=-1.0, maxval=1.0)
-    zoom = 1.0 + p.scale * jax.random.uniform(k_scale, (n,), minval=-1.0, maxval=1.0)
-    shear = jnp.deg2rad(p.shear_deg) * jax.random.uniform(k_shear, (n,), minval=-1.0, maxval=1.0)
+    rot = jnp.deg2rad(p.rotation_deg) * jax.random.uniform(k_rot, minval=-1.0, maxval=1.0)
+    zoom = 1.0 + p.scale * jax.random.uniform(k_scale, minval=-1.0, maxval=1.0)
+    shear = jnp.deg2rad(p.shear_deg) * jax.random.uniform(k_shear, minval=-1.0, maxval=1.0)
     cos, sin = jnp.cos(rot), jnp.sin(rot)
-    # Forward transform A = R(rot) @ Shear(shear) @ zoom; we sample the input at A^-1 (out - c) + c.
-    a = jnp.stack([jnp.stack([cos, -sin + cos * jnp.tan(shear)], -1),
-                   jnp.stack([sin, cos + sin * jnp.tan(shear)], -1)], -2) * zoom[:, None, None]
+    # Forward transform A = R(rot) @ Shear(shear) @ zoom on (x, y); we sample the input at A^-1 (out - c) + c.
+    a = jnp.array([[cos, -sin + cos * jnp.tan(shear)], [sin, cos + sin * jnp.tan(shear)]]) * zoom
     return jnp.linalg.inv(a)
 
 
@@ -80,27 +79,37 @@ def _bilinear(image: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray) -> jnp.n
     return jnp.stack([sample(image[..., c]) for c in range(image.shape[-1])], axis=-1)
 
 
-def augment_batch(images: jnp.ndarray, key: jax.Array, params: AugmentParams) -> jnp.ndarray:
-    """Applies an independent random affine (and elastic) transform to each image [N, H, W, C]."""
-    if params.is_identity:
-        return images
-    n, h, w, _ = images.shape
+def _augment_one(image: jnp.ndarray, key: jax.Array, params: AugmentParams) -> jnp.ndarray:
+    h, w, _ = image.shape
     k_aff, k_shift, k_elastic = jax.random.split(key, 3)
-    inv = _affine_matrices(k_aff, n, params)
-    shift = params.translate_px * jax.random.uniform(k_shift, (n, 2), minval=-1.0, maxval=1.0)
+    inv = _affine_matrix(k_aff, params)
+    shift = params.translate_px * jax.random.uniform(k_shift, (2,), minval=-1.0, maxval=1.0)
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
     # Offsets from the centre, minus the translation, mapped through the inverse transform.
-    dy = yy[None] - cy - shift[:, 0, None, None]
-    dx = xx[None] - cx - shift[:, 1, None, None]
-    src_x = inv[:, 0, 0, None, None] * dx + inv[:, 0, 1, None, None] * dy + cx
-    src_y = inv[:, 1, 0, None, None] * dx + inv[:, 1, 1, None, None] * dy + cy
+    dy, dx = yy - cy - shift[0], xx - cx - shift[1]
+    src_x = inv[0, 0] * dx + inv[0, 1] * dy + cx
+    src_y = inv[1, 0] * dx + inv[1, 1] * dy + cy
     if params.elastic_alpha > 0:
-        noise = jax.random.uniform(k_elastic, (2, n, h, w), minval=-1.0, maxval=1.0)
-        disp = jax.vmap(lambda f: _smooth(f, params.elastic_sigma))(noise)
+        noise = jax.random.uniform(k_elastic, (2, h, w), minval=-1.0, maxval=1.0)
+        disp = _smooth(noise, params.elastic_sigma)
         # Normalize so the displacement's typical magnitude is elastic_alpha pixels.
-        disp = disp / (jnp.std(disp, axis=(2, 3), keepdims=True) + 1e-6)
+        disp = disp / (jnp.std(disp, axis=(1, 2), keepdims=True) + 1e-6)
         src_y = src_y + params.elastic_alpha * disp[0]
         src_x = src_x + params.elastic_alpha * disp[1]
-    out = jax.vmap(_bilinear)(images, src_y, src_x)
+    return _bilinear(image, src_y, src_x)
+
+
+def augment_batch(images: jnp.ndarray, key: jax.Array, params: AugmentParams,
+                  index_offset: int | jax.Array = 0) -> jnp.ndarray:
+    """Applies an independent random affine (and elastic) transform to each image [N, H, W, C].
+
+    Example i is keyed by fold_in(key, index_offset + i), so a batch split over devices
+    (each passing its offset) is transformed exactly as the whole batch would be.
+    """
+    if params.is_identity:
+        return images
+    n = images.shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index_offset + jnp.arange(n))
+    out = jax.vmap(lambda im, k: _augment_one(im, k, params))(images, keys)
     return out.astype(images.dtype)

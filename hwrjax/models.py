@@ -69,6 +69,7 @@ class ConvNet(nn.Module):
     dropout_rate: float = 0.0
     batch_norm: bool = False
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis over which BatchNorm averages statistics
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -80,7 +81,8 @@ class ConvNet(nn.Module):
         for width in self.conv_widths:
             x = nn.Conv(width, k, padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype)(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 axis_name=self.bn_axis_name)(x)
             x = pool(act(x), (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for width in self.dense_widths:
@@ -144,6 +146,7 @@ class ResNet(nn.Module):
     pooling: str = "avg"
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None  # pmap axis over which BatchNorm averages statistics
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -156,7 +159,7 @@ class ResNet(nn.Module):
         conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
                                  kernel_init=nn.initializers.kaiming_normal())
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                                 epsilon=1e-5, dtype=self.dtype)
+                                 epsilon=1e-5, dtype=self.dtype, axis_name=self.bn_axis_name)
         block_cls = BLOCKS[self.block]
         x = conv(self.stem_width, (3, 3), name="stem")(x.astype(self.dtype))
         if self.block == "basic":
@@ -178,8 +181,13 @@ MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "convnet": ConvNet, "resnet": 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def create_model(model_config: Any, num_classes: int, dtype: str = "float32") -> nn.Module:
-    """Builds the model named by `model_config.name` with the config's other fields as arguments."""
+def create_model(model_config: Any, num_classes: int, dtype: str = "float32",
+                 bn_axis_name: str | None = None) -> nn.Module:
+    """Builds the model named by `model_config.name` with the config's other fields as arguments.
+
+    `bn_axis_name` names the pmap axis over which BatchNorm statistics are averaged (pmap only;
+    under jit the statistics of a sharded batch are global already).
+    """
     fields = dict(model_config)
     name = fields.pop("name", None)
     if name not in MODELS:
@@ -187,7 +195,7 @@ def create_model(model_config: Any, num_classes: int, dtype: str = "float32") ->
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; set config.dtype to one of {sorted(_DTYPES)}")
     cls = MODELS[name]
-    allowed = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "dtype"}
+    allowed = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "dtype", "bn_axis_name"}
     unknown = sorted(set(fields) - allowed)
     if unknown:
         raise ConfigError(f"config.model has fields {unknown} that model {name!r} does not take; "
@@ -201,6 +209,8 @@ def create_model(model_config: Any, num_classes: int, dtype: str = "float32") ->
             raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {value}")
         elif key in ("stem_width", "kernel_size") and value <= 0:
             raise ConfigError(f"config.model.{key} must be positive, got {value}")
+    if "bn_axis_name" in cls.__dataclass_fields__:
+        fields["bn_axis_name"] = bn_axis_name
     model = cls(num_classes=num_classes, dtype=_DTYPES[dtype], **fields)
     if "activation" in fields:
         get_activation(fields["activation"])

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from hwrjax.errors import ConfigError
 
-MODES = ("jit",)
+MODES = ("jit", "pmap")
 
 
 def make_mesh() -> Mesh:
@@ -34,3 +34,15 @@ def check_same_config_across_processes(config_json: str) -> None:
     if not np.all(all_digests == all_digests[0]):
         raise ConfigError("the processes of this run were given different configs; "
                           "launch every process with the same --config and overrides")
+
+
+def replicate_for_pmap(tree, devices=None):
+    """Stacks one copy of every leaf per local device, laid out as jax.pmap expects its inputs."""
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("replica",)), jax.sharding.PartitionSpec("replica"))
+
+    def replicate(x):
+        x = np.asarray(x)
+        return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
+
+    return jax.tree.map(replicate, tree)

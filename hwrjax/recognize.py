@@ -14,6 +14,7 @@ in one model call, padded to a power-of-two batch size so each size is compiled 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -22,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, BinaryIO, Iterable, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -82,22 +83,34 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _infer_num_classes(model_config: Any, dtype: str, params: Any) -> int:
-    """Finds the class count of saved params: the leaf whose shape follows `num_classes`."""
+def _build_model(model_config: Any, dtype: str, params: Any) -> Any:
+    """The model of `model_config` with the class count of saved `params`; checks every shape."""
     x = jnp.zeros((1, *MNIST_SHAPE, 1), jnp.float32)
-    shapes = []
-    for n in (10, 11):
+
+    def shapes(n: int) -> tuple[Any, list]:
         model = models.create_model(model_config, num_classes=n, dtype=dtype)
-        abstract = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), x, train=False))
-        shapes.append(jax.tree_util.tree_flatten_with_path(abstract["params"])[0])
-    for (path, a), (_, b) in zip(*shapes):
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return model, jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+
+    # The leaf whose shape changes with num_classes tells the saved class count.
+    (_, ten), (_, eleven) = shapes(10), shapes(11)
+    num_classes = None
+    for (path, a), (_, b) in zip(ten, eleven):
         if a.shape != b.shape:
             axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
             leaf = params
             for key in path:
                 leaf = leaf[key.key]
-            return int(np.shape(leaf)[axis])
-    raise CheckpointError("cannot tell the number of classes of this model from its parameters")
+            num_classes = int(np.shape(leaf)[axis])
+            break
+    if num_classes is None:
+        raise CheckpointError("cannot tell the number of classes of this model from its parameters")
+    model, want = shapes(num_classes)
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    if [(jax.tree_util.keystr(p), tuple(a.shape)) for p, a in want] != \
+            [(jax.tree_util.keystr(p), tuple(np.shape(a))) for p, a in got]:
+        raise KeyError("parameter names or shapes differ")
+    return model
 
 
 class Recognizer:
@@ -133,12 +146,11 @@ class Recognizer:
         config = _load_config(workdir)
         variables, step = _load_variables(workdir, checkpoint)
         try:
-            num_classes = _infer_num_classes(config.model, config.dtype, variables["params"])
-            model = models.create_model(config.model, num_classes=num_classes, dtype=config.dtype)
-        except (KeyError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"the model in {workdir} does not match its config.json ({e}); "
+            model = _build_model(config.model, config.dtype, variables["params"])
+        except (KeyError, AttributeError, TypeError, IndexError) as e:
+            raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
                                   "pass the workdir the checkpoint was trained in") from None
-        logging.info("Loaded %s (step %d, %d classes) from %s.", config.model.name, step, num_classes, workdir)
+        logging.info("Loaded %s (step %d) from %s.", config.model.name, step, workdir)
         return cls(model, variables, step=step, name=str(config.model.name), **kwargs)
 
     # ---------------------------------------------------------------- the model call
@@ -172,6 +184,8 @@ class Recognizer:
     def _classify_timed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities, and per crop the milliseconds of the model call that classified it."""
         crops = np.asarray(crops, np.float32)
+        if crops.ndim != 3 or crops.shape[1:] != MNIST_SHAPE:
+            raise ValueError(f"classify takes MNIST-form crops [N, 28, 28], got shape {crops.shape}")
         n = crops.shape[0]
         out, ms = [], np.zeros(n, np.float64)
         for start in range(0, n, self.max_batch):
@@ -193,13 +207,17 @@ class Recognizer:
     def prepare(self, image: ImageInput, mode: str = "number") -> np.ndarray:
         """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode); raises ImageError."""
         _check_mode(mode)
-        if isinstance(image, np.ndarray) or hasattr(image, "__array__") and not isinstance(image, (bytes, str)):
+        if isinstance(image, np.ndarray) or (hasattr(image, "__array__") and not isinstance(image, (bytes, str))):
             array = np.asarray(image)
             if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
                 return _mnist_form(array.reshape(MNIST_SHAPE))[None]
             grey = array
         else:
-            grey = preprocess.load_image(image)
+            try:
+                grey = preprocess.load_image(image)
+            except (OSError, SyntaxError, EOFError) as e:  # Pillow's errors for damaged files of a known format
+                name = repr(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "image data"
+                raise ImageError(f"{name} cannot be decoded ({e}); re-export it as PNG, JPEG or BMP") from None
         if mode == "digit":
             return preprocess.to_mnist(grey)[None]
         return np.stack(preprocess.split_digits(grey, max_digits=self.max_digits))
@@ -221,9 +239,7 @@ class Recognizer:
             error = None
             try:
                 item = self.prepare(image, mode)
-            except ImageError as e:
-                item, error = None, str(e)
-            except HwrjaxError as e:
+            except (ImageError, HwrjaxError) as e:
                 item, error = None, str(e)
             except Exception as e:  # A bug must not sink the rest of the batch; it is logged in full.
                 logging.exception("Unexpected error while reading input %d", len(counts))
@@ -287,6 +303,17 @@ def _load_variables(workdir: str, which: str | int) -> tuple[dict, int]:
 
 
 # -------------------------------------------------------------------- hwrjax predict
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hides orbax's warnings about read-only checkpoint options, meaningless to a command's user."""
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def find_images(paths: Iterable[str]) -> list[tuple[str, str | None]]:
@@ -358,7 +385,8 @@ def predict_main(argv: list[str]) -> int:
 
     quiet_library_logs()
     try:
-        recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+        with quiet_loading():
+            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
     except HwrjaxError as e:
         sys.stderr.write(f"hwrjax predict: error: {e}\n")
         return 2

@@ -28,17 +28,22 @@ import threading
 import time
 from typing import Any, Iterator
 
-import anyio
 from absl import logging
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+
+try:
+    import anyio
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
+    raise ModuleNotFoundError(f"hwrjax serve needs {e.name}; install it with pip install 'hwrjax[serve]'",
+                              name=e.name) from None
 
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
-from hwrjax.recognize import MODES, Recognizer
+from hwrjax.recognize import MODES, Recognizer, quiet_loading
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "create_app", "serve_in_thread", "serve_main"]
 
@@ -226,7 +231,8 @@ def serve_main(argv: list[str]) -> int:
 
     quiet_library_logs()
     try:
-        recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+        with quiet_loading():
+            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
         sock = _bind(args.host, args.port)
     except HwrjaxError as e:
         sys.stderr.write(f"hwrjax serve: error: {e}\n")

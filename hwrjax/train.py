@@ -63,8 +63,13 @@ def _variables(state: TrainState, params: Any) -> dict:
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array,
                loss_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] = losses_lib.cross_entropy,
-               ) -> tuple[TrainState, dict]:
-    """One optimizer step on batch {'image': float [B,H,W,C], 'label': int [B]}; rng keys dropout."""
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+    """One optimizer step on batch {'image': float [B,H,W,C], 'label': int [B]}; rng keys dropout.
+
+    Under jit the batch may be sharded over devices and everything is global already. Under
+    pmap pass `axis_name`: gradients and metrics are averaged over it (and a model built with
+    `bn_axis_name` averages its BatchNorm statistics over it too).
+    """
 
     def compute_loss(params):
         outputs = state.apply_fn(_variables(state, params), batch["image"], train=True,
@@ -74,12 +79,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array,
         return loss, (logits, mutated.get("batch_stats", state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "grad_norm": optax.tree.norm(grads),
-    }
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
 
@@ -151,6 +156,29 @@ def make_fused_train_step(loss_fn: Callable, aug: augment_lib.AugmentParams, key
         return train_step(state, batch, jax.random.fold_in(keys.dropout, step), loss_fn=loss_fn)
 
     return jax.jit(fused, donate_argnums=(0,))
+
+
+PMAP_AXIS = "batch"
+
+
+def make_fused_pmap_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys,
+                         num_train: int, batch_size: int) -> Callable:
+    """The same step as `make_fused_train_step` under jax.pmap: each device takes its slice of
+    the global batch (and the matching augmentation keys) and gradients are averaged."""
+    steps_per_epoch = num_train // batch_size
+    per_device = batch_size // jax.device_count()
+
+    def fused(state: TrainState, images: jnp.ndarray, labels: jnp.ndarray, order: jnp.ndarray):
+        step = state.step
+        offset = jax.lax.axis_index(PMAP_AXIS) * per_device
+        idx = jax.lax.dynamic_slice_in_dim(order, (step % steps_per_epoch) * batch_size + offset, per_device)
+        batch_images = augment_lib.augment_batch(to_float_images(images[idx]),
+                                                 jax.random.fold_in(keys.augment, step), aug, index_offset=offset)
+        rng = jax.random.fold_in(jax.random.fold_in(keys.dropout, step), jax.lax.axis_index(PMAP_AXIS))
+        return train_step(state, {"image": batch_images, "label": labels[idx]}, rng, loss_fn=loss_fn,
+                          axis_name=PMAP_AXIS)
+
+    return jax.pmap(fused, axis_name=PMAP_AXIS, donate_argnums=(0,))
 
 
 class EvalSet:
@@ -320,7 +348,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     total_steps = steps_per_epoch * config.num_epochs
 
     keys = rng_lib.RunKeys.from_seed(config.seed)
-    model = models_lib.create_model(config.model, splits.num_classes, dtype=config.dtype)
+    use_pmap = config.parallel == "pmap"
+    model = models_lib.create_model(config.model, splits.num_classes, dtype=config.dtype,
+                                    bn_axis_name=PMAP_AXIS if use_pmap else None)
     loss_fn = losses_lib.get_loss(config.loss)
     schedule = optim_lib.make_schedule(config, steps_per_epoch, config.num_epochs)
     tx = optim_lib.make_optimizer(config, schedule)
@@ -349,7 +379,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_labels = parallel.put_replicated(splits.train.labels, replicated)
     val_set = EvalSet(splits.validation, config.eval_batch_size, mesh) if splits.validation else None
     test_set = EvalSet(splits.test, config.eval_batch_size, mesh)
-    fused_step = make_fused_train_step(loss_fn, aug, keys, len(splits.train), config.batch_size, mesh)
+    if use_pmap:
+        local = jax.local_devices()
+        pmapped = make_fused_pmap_step(loss_fn, aug, keys, len(splits.train), config.batch_size)
+        images_p = parallel.replicate_for_pmap(splits.train.images, local)
+        labels_p = parallel.replicate_for_pmap(splits.train.labels, local)
+        order_cache: dict = {}
+
+        def fused_step(s, _images, _labels, order):
+            if order_cache.get("key") is not order:  # the order changes once per epoch
+                order_cache.update(key=order, value=parallel.replicate_for_pmap(order, local))
+            return pmapped(s, images_p, labels_p, order_cache["value"])
+
+        to_run_state = lambda s: parallel.replicate_for_pmap(s, local)
+        from_run_state = lambda s: jax.device_put(jax.tree.map(lambda x: x[0], s), replicated)
+        fetch_metrics = lambda ms: [jax.tree.map(lambda x: x[0], m) for m in jax.device_get(ms)]
+    else:
+        fused_step = make_fused_train_step(loss_fn, aug, keys, len(splits.train), config.batch_size, mesh)
+        to_run_state = from_run_state = lambda s: s
+        fetch_metrics = jax.device_get
     evaluate = make_evaluate(loss_fn, mesh)
 
     logger = MetricLogger(workdir, enabled=is_main, total_steps=total_steps,
@@ -358,8 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  config.model.name, sum(x.size for x in jax.tree.leaves(state.params)), num_devices,
                  jax.process_count(), total_steps, config.batch_size)
 
-    def save(step_: int, state_: TrainState) -> None:
-        ckpt.save(step_, state_, dict(meta, wall_time_s=meta["wall_time_s"] + time.time() - session_start))
+    def save(step_: int, run_state_: TrainState) -> None:
+        ckpt.save(step_, from_run_state(run_state_),
+                  dict(meta, wall_time_s=meta["wall_time_s"] + time.time() - session_start))
 
     session_start = time.time()
     finished = meta["stopped_early"] or step >= total_steps
@@ -367,6 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("The run in %s already finished at step %d; reporting its test metrics.", workdir, step)
     pending: list[dict] = []
     last_log_time, last_log_step = time.time(), step
+    state = to_run_state(state)
     try:
         with _StopSignal() as stop, logger:
             order, order_epoch = None, -1
@@ -378,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 step += 1
                 pending.append(metrics)
                 if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-                    fetched = jax.device_get(pending)
+                    fetched = fetch_metrics(pending)
                     pending = []
                     now = time.time()
                     row = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -393,13 +443,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     last_log_time, last_log_step = now, step
                 epoch_end = step % steps_per_epoch == 0
                 if epoch_end and val_set is not None:
-                    val = evaluate(state, val_set)
+                    val = evaluate(from_run_state(state), val_set)
                     logger.write(step, {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
                                         "epoch": step // steps_per_epoch})
                     improved = val["accuracy"] > meta["best_val_accuracy"] + config.early_stopping.min_delta
                     if improved:
                         meta.update(best_val_accuracy=val["accuracy"], best_step=step, epochs_without_improvement=0)
-                        ckpt.save_best(step, state, dict(meta))
+                        ckpt.save_best(step, from_run_state(state), dict(meta))
                     else:
                         meta["epochs_without_improvement"] += 1
                     patience = config.early_stopping.patience_epochs
@@ -419,6 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 save(step, state)
     finally:
         ckpt.close()
+    state = from_run_state(state)
 
     # The final report uses the best validation checkpoint when there is one (selection
     # never looks at test), else the last state.
@@ -438,6 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logger.write_report("test_metrics.json", test)
         logger.write(step, {"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         logger.close()
+        if config.report_plots:
+            from hwrjax import evaluate as evaluate_lib
+
+            probs = evaluate_lib.predict_probs(report_state, splits.test.images, batch_size=config.eval_batch_size)
+            evaluate_lib.write_training_report(workdir, None, evaluate_lib.SplitPredictions(
+                splits.test.images, splits.test.labels, probs, splits.class_names, "test"), step=step)
     logging.info("Test accuracy %.4f (loss %.4f) on %d examples.", test["accuracy"], test["loss"],
                  test["num_examples"])
     return test

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from conftest import make_workdir
 from hwrjax import synth
+from hwrjax.checkpoint import load_config
 from hwrjax.errors import CheckpointError
 from hwrjax.recognize import Reading, Recognizer, find_images, predict_main
 
@@ -290,3 +292,13 @@ def test_predict_command_in_a_subprocess(workdir, image_folder):
     rows = json.loads(proc.stdout)
     assert len(rows[0]["digits"]) == 3 and rows[0]["error"] is None
     assert rows[1]["error"]
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, workdir):
+    bad = tmp_path / "mismatch"
+    shutil.copytree(workdir, bad)
+    config = load_config(workdir)
+    config.model.stem_width = 12
+    (bad / "config.json").write_text(config.to_json())
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        Recognizer.from_workdir(str(bad))

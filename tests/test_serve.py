@@ -16,7 +16,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from hwrjax.recognize import Recognizer
 from hwrjax.serve import create_app, serve_in_thread
@@ -79,6 +78,8 @@ def test_recognize_multipart_and_modes(client, number_png):
     assert bad.status_code == 400 and "mode" in bad.json()["error"]
     wrong_field = client.post("/api/recognize", files={"file": ("n.png", number_png, "image/png")})
     assert wrong_field.status_code == 400 and "'image'" in wrong_field.json()["error"]
+    garbled = client.post("/api/recognize", content=b"garbage", headers={"content-type": "multipart/form-data"})
+    assert garbled.status_code == 400 and "multipart" in garbled.json()["error"]
 
 
 @pytest.mark.parametrize("body, needle", [
