@@ -102,7 +102,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.dataset.limit_train = 2048
     c.num_epochs = 2
     c.batch_size = 64
-    c.eval_batch_size = 500
+    c.eval_batch_size = 256  # divides over 1, 2, 4 or 8 devices
     c.log_every_steps = 8
     c.checkpoint.every_steps = 10
     c.schedule.warmup_epochs = 0.5

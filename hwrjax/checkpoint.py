@@ -26,9 +26,11 @@ LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
-def _options(max_to_keep: int, async_save: bool) -> ocp.CheckpointManagerOptions:
-    return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                        enable_async_checkpointing=async_save)
+def _options(max_to_keep: int, async_save: bool, name: str) -> ocp.CheckpointManagerOptions:
+    # Distinct barrier names: both managers may save the same step at once in multi-process runs.
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
 def _model_tree(state: Any) -> dict:
@@ -45,10 +47,10 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.latest = ocp.CheckpointManager(os.path.join(self.workdir, LATEST_DIR),
-                                            options=_options(keep, async_save),
+                                            options=_options(keep, async_save, "latest"),
                                             item_names=("model", "opt", "meta"))
         self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST_DIR),
-                                          options=_options(1, async_save),
+                                          options=_options(1, async_save, "best"),
                                           item_names=("model", "opt", "meta"))
 
     @staticmethod

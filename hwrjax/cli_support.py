@@ -31,8 +31,8 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     if all(given):
         if num_processes <= 0 or not 0 <= process_id < num_processes:
             raise HwrjaxError(f"--process_id must be in [0, {num_processes}) and --num_processes positive")
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU devices of different processes talk through gloo; GPU/TPU use their own collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     elif _cluster_detected():

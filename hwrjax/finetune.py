@@ -89,12 +89,14 @@ class Samples:
     labels: np.ndarray
     paths: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()  # (path, why) of files that could not be used
+    folder: str = ""  # where they were read from
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, index: np.ndarray) -> "Samples":
-        return Samples(self.images[index], self.labels[index], tuple(self.paths[i] for i in index))
+        return Samples(self.images[index], self.labels[index], tuple(self.paths[i] for i in index),
+                       folder=self.folder)
 
     def as_split(self) -> data_lib.Split:
         return data_lib.Split(images=self.images, labels=self.labels)
@@ -152,7 +154,7 @@ def load_samples(folder: str, num_classes: int = 10) -> Samples:
         raise FinetuneError(f"{folder} has {found} in sub-folders 0..{num_classes - 1}; put images of each digit "
                             "in the sub-folder named after it")
     return Samples(images=np.stack(images)[..., None], labels=np.asarray(labels, np.int32), paths=tuple(paths),
-                   skipped=tuple(skipped))
+                   skipped=tuple(skipped), folder=folder)
 
 
 def split_samples(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -366,7 +368,7 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
 
         settings = {
             "base_workdir": os.path.abspath(workdir), "base_checkpoint_step": base.step,
-            "samples": os.path.commonpath(samples.paths) if samples.paths else "",
+            "samples": samples.folder,
             "num_samples": len(samples), "num_train_samples": len(user_train),
             "num_holdout_samples": len(user_holdout), "holdout": float(options.holdout), "mix": float(options.mix),
             "user_per_batch": user_per_batch, "epochs": config.num_epochs, "steps": total_steps,

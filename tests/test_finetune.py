@@ -1,0 +1,240 @@
+"""Tests for hwrjax.finetune: learning a user's style without forgetting MNIST, and clean refusals.
+
+The end-to-end test trains a small MLP on real MNIST in-process (a few seconds), writes a
+folder of photos of MNIST validation digits turned 90 degrees (a "style" the base model
+reads at about chance), fine-tunes, and checks that the held-out photos go from chance to
+mostly right while MNIST test accuracy stays within a few points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import mlp as mlp_config
+from hwrjax import checkpoint, data, evaluate, finetune, synth, train
+from hwrjax.errors import HwrjaxError
+
+PER_CLASS = 15
+
+
+def write_photos(folder, digits: np.ndarray, labels: np.ndarray, per_class: int, seed: int = 0) -> None:
+    """Renders each class's first `per_class` digits, turned 90 degrees, as photos in folder/<label>/."""
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        os.makedirs(os.path.join(folder, str(c)), exist_ok=True)
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            photo = synth.render_photo(np.rot90(digits[i, ..., 0]), rng, scale=3)
+            Image.fromarray(photo).save(os.path.join(folder, str(c), f"{j:02d}.png"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, request):
+    """A small MLP trained on real MNIST (test[:500]) and the splits it was trained with."""
+    request.getfixturevalue("require_mnist")
+    config = mlp_config.get_config("smoke")
+    config.dataset.test_split = "test[:500]"
+    config.progress = False
+    workdir = str(tmp_path_factory.mktemp("finetune") / "base")
+    train.train_and_evaluate(config, workdir)
+    return workdir, data.load_splits(config)
+
+
+@pytest.fixture(scope="module")
+def samples_dir(base_run, tmp_path_factory):
+    """Photos of turned validation digits (never in the MNIST test split), one unreadable file, one blank."""
+    _, splits = base_run
+    folder = tmp_path_factory.mktemp("samples")
+    write_photos(str(folder), splits.validation.images, splits.validation.labels, PER_CLASS)
+    (folder / "3" / "notes.txt").write_text("not an image")
+    Image.new("L", (64, 64), 230).save(folder / "5" / "blank.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tuned(base_run, samples_dir, tmp_path_factory):
+    """Runs `hwrjax finetune` once; returns (exit code, stdout, stderr, output workdir)."""
+    base, _ = base_run
+    out = str(tmp_path_factory.mktemp("tuned") / "mine")
+    capture = pytest.MonkeyPatch()
+    import io
+    import sys
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    capture.setattr(sys, "stdout", stdout)
+    capture.setattr(sys, "stderr", stderr)
+    try:
+        code = finetune.finetune_main([f"--workdir={base}", f"--samples={samples_dir}", f"--output-workdir={out}",
+                                       "--epochs=40", "--learning-rate=1e-3", "--holdout=0.2"])
+    finally:
+        capture.undo()
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_finetune_learns_the_style_and_keeps_mnist(tuned):
+    code, out, err, workdir = tuned
+    assert code == 0, err
+    with open(os.path.join(workdir, "report", "finetune.json")) as f:
+        report = json.load(f)
+    before, after = report["before"], report["after"]
+    assert report["num_samples"] == 10 * PER_CLASS and report["num_holdout_samples"] == 30
+    assert before["holdout"]["accuracy"] <= 0.35, before  # the base model cannot read turned digits
+    assert after["holdout"]["accuracy"] >= before["holdout"]["accuracy"] + 0.35, (before, after)
+    assert after["train_samples"]["accuracy"] >= 0.8
+    assert after["mnist_test"]["num_examples"] == 500
+    assert abs(after["mnist_test"]["accuracy"] - before["mnist_test"]["accuracy"]) <= 0.04, (before, after)
+    # The table shows the same figures.
+    assert "your held-out samples" in out and f"{after['holdout']['accuracy']:.2%}" in out
+    assert "MNIST test[:500]" in out
+
+
+def test_unusable_files_are_reported_and_skipped(tuned, samples_dir):
+    _, _, err, workdir = tuned
+    with open(os.path.join(workdir, "report", "finetune.json")) as f:
+        skipped = {os.path.basename(s["path"]) for s in json.load(f)["skipped"]}
+    assert skipped == {"notes.txt", "blank.png"}
+    assert "hwrjax: skipped" in err and "notes.txt" in err and "blank.png" in err
+
+
+def test_output_is_a_normal_workdir(tuned, base_run):
+    from hwrjax.recognize import Recognizer
+
+    _, _, _, workdir = tuned
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    ft = config["finetune"]
+    assert ft["base_workdir"] == os.path.abspath(base_run[0]) and ft["mix"] == 0.5 and ft["holdout"] == 0.2
+    assert config["optimizer"]["learning_rate"] == 1e-3 and config["num_epochs"] == 40
+    variables, step = checkpoint.load_variables(workdir)
+    assert step == ft["steps"] and checkpoint.load_variables(workdir, "latest")[1] == step
+    model = evaluate.load_model(workdir)
+    with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
+        assert json.load(f)["num_examples"] == 500
+    # The Recognizer reads the fine-tuned weights: same argmax as the model on MNIST-form input.
+    _, splits = base_run
+    digits = splits.test.images[:4]
+    want = np.argmax(model.apply_fn(model.variables, digits / 255.0, train=False), -1)
+    readings = Recognizer.from_workdir(workdir).recognize(list(digits[..., 0]), mode="digit")
+    assert [r.digits[0] for r in readings] == want.tolist()
+    assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(workdir)))
+
+
+def test_finetune_is_reproducible(base_run, samples_dir, tmp_path):
+    base, _ = base_run
+    samples = finetune.load_samples(samples_dir)
+    options = finetune.FinetuneOptions(epochs=2, learning_rate=1e-3)
+    runs = [finetune.finetune(base, samples, str(tmp_path / name), options) for name in ("a", "b")]
+    assert runs[0]["after"] == runs[1]["after"]
+    a, b = (checkpoint.load_variables(str(tmp_path / name))[0] for name in ("a", "b"))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# --------------------------------------------------------------------------------------
+# Samples and splits (no MNIST needed)
+
+
+def test_split_is_deterministic_and_holds_out_every_class():
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 1 + [3] * 5, np.int32)
+    train_idx, held = finetune.split_samples(labels, 0.2, seed=7)
+    again = finetune.split_samples(labels, 0.2, seed=7)
+    assert np.array_equal(train_idx, again[0]) and np.array_equal(held, again[1])
+    assert sorted(np.concatenate([train_idx, held]).tolist()) == list(range(len(labels)))
+    counts = {c: int(np.sum(labels[held] == c)) for c in range(4)}
+    assert counts == {0: 2, 1: 1, 2: 0, 3: 1}  # a single sample stays in training
+    assert not np.array_equal(held, finetune.split_samples(labels, 0.2, seed=8)[1])
+    assert len(finetune.split_samples(labels, 0.0, seed=7)[1]) == 0
+
+
+def _digit_photo(seed: int) -> Image.Image:
+    yy, xx = np.mgrid[0:28, 0:28]
+    ring = (np.abs(((yy - 14) / 9) ** 2 + ((xx - 14) / 6) ** 2 - 1) < 0.3).astype(np.uint8) * 255
+    return Image.fromarray(synth.render_photo(ring, np.random.default_rng(seed), scale=3))
+
+
+def test_load_samples_reads_formats_and_lists_what_it_skips(tmp_path):
+    for c, ext in ((0, "png"), (1, "jpg"), (7, "bmp")):
+        (tmp_path / str(c)).mkdir()
+        _digit_photo(c).save(tmp_path / str(c) / f"a.{ext}")
+    (tmp_path / "7" / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "7" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "stray.png").write_bytes(b"x")
+    samples = finetune.load_samples(str(tmp_path))
+    assert samples.labels.tolist() == [0, 1, 7]
+    assert samples.images.shape == (3, 28, 28, 1) and samples.images.dtype == np.uint8
+    assert samples.images.max() > 200
+    assert {os.path.basename(p) for p, _ in samples.skipped} == {"broken.png", "stray.png"}
+
+
+# --------------------------------------------------------------------------------------
+# Refusals: one line, exit 2, before any training (the untrained fixture needs no data)
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = finetune.finetune_main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_empty_folder(untrained_workdir, tmp_path, capsys):
+    (tmp_path / "s" / "4").mkdir(parents=True)
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 's'}",
+                         f"--output-workdir={tmp_path / 'o'}"], capsys)
+    assert code == 2 and "no image files" in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_only_unusable_files(untrained_workdir, tmp_path, capsys):
+    (tmp_path / "s" / "4").mkdir(parents=True)
+    (tmp_path / "s" / "4" / "x.png").write_text("nope")
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 's'}",
+                         f"--output-workdir={tmp_path / 'o'}"], capsys)
+    assert code == 2 and "none usable" in err.splitlines()[-1], err
+
+
+def test_bad_subfolder_name(untrained_workdir, tmp_path, capsys):
+    (tmp_path / "s" / "seven").mkdir(parents=True)
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 's'}",
+                         f"--output-workdir={tmp_path / 'o'}"], capsys)
+    assert code == 2 and "seven is not a class folder" in err and "0..9" in err and err.count("\n") == 1
+
+
+def test_existing_output_is_left_alone(untrained_workdir, tmp_path, capsys):
+    (tmp_path / "s" / "1").mkdir(parents=True)
+    _digit_photo(0).save(tmp_path / "s" / "1" / "a.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 's'}",
+                         f"--output-workdir={out}"], capsys)
+    assert code == 2 and "already exists and is not empty" in err
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 's'}",
+                         f"--output-workdir={untrained_workdir}"], capsys)
+    assert code == 2 and "must differ from --workdir" in err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--mix=0", "mix"), ("--mix=1.5", "mix"), ("--holdout=1", "holdout"), ("--epochs=0", "epochs"),
+    ("--learning-rate=-1", "learning_rate"), ("--batch-size=0", "batch_size"),
+])
+def test_bad_settings(untrained_workdir, tmp_path, capsys, flag, message):
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path}",
+                         f"--output-workdir={tmp_path / 'o'}", flag], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_missing_samples_folder_and_workdir(untrained_workdir, tmp_path, capsys):
+    code, err = run_cli([f"--workdir={untrained_workdir}", f"--samples={tmp_path / 'none'}",
+                         f"--output-workdir={tmp_path / 'o'}"], capsys)
+    assert code == 2 and "is not a folder" in err
+    code, err = run_cli([f"--workdir={tmp_path / 'nowhere'}", f"--samples={tmp_path}",
+                         f"--output-workdir={tmp_path / 'o'}"], capsys)
+    assert code == 2 and "is not a directory" in err
+    with pytest.raises(HwrjaxError, match="not a class folder"):
+        (tmp_path / "s" / "x").mkdir(parents=True)
+        finetune.load_samples(str(tmp_path / "s"))
