@@ -85,6 +85,17 @@ def get_builder(config: Any):
     return builder
 
 
+def _network_reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether tfds's download host answers; checked so an offline machine fails at once, not after retries."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def ensure_prepared(config: Any) -> Any:
     """Makes sure the dataset is on disk (downloading when allowed); raises DataError otherwise."""
     builder = get_builder(config)
@@ -94,6 +105,10 @@ def ensure_prepared(config: Any) -> Any:
     if not config.dataset.download:
         raise DataError(f"dataset {config.dataset.name!r} is not prepared in {where}; set TFDS_DATA_DIR "
                         "(or config.dataset.data_dir) to a directory holding it, or set config.dataset.download=True")
+    if not _network_reachable():
+        raise DataError(f"dataset {config.dataset.name!r} is not prepared in {where} and there is no network to "
+                        "download it; set TFDS_DATA_DIR (or config.dataset.data_dir) to a directory holding a "
+                        "prepared copy (made by `tfds build` on a machine with network)")
     logging.info("Dataset %s not found in %s; downloading it.", config.dataset.name, where)
     try:
         builder.download_and_prepare()
