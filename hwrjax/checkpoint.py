@@ -126,9 +126,10 @@ def load_config(workdir: str):
 
 
 def load_variables(workdir: str, which: str | int = "best") -> tuple[dict, int]:
-    """Restores {'params', 'batch_stats'} (numpy) of the best, latest, or a given step's checkpoint.
+    """Restores {"params", "batch_stats"} of the best, latest, or a given step's checkpoint.
 
-    No optimizer is built. Returns (variables, step).
+    The arrays land on this process's first device, whatever devices the run was saved
+    from. No optimizer is built. Returns (variables, step).
     """
     if which == "best":
         subdir = BEST_DIR
@@ -142,21 +143,26 @@ def load_variables(workdir: str, which: str | int = "best") -> tuple[dict, int]:
         raise CheckpointError(f"{workdir} has no checkpoint; train first with "
                               f"`python launch.py --config=... --workdir={workdir}`")
     mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("model", "opt", "meta"))
-    steps = mngr.all_steps()
-    if not steps:
-        raise CheckpointError(f"{directory} holds no finished checkpoint; train first")
-    if which in ("best", "latest"):
-        step = max(steps)
-    else:
-        step = int(which)
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step} in {directory}; available: {sorted(steps)}")
+                                 item_handlers={"model": ocp.StandardCheckpointHandler()})
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}); "
-                              "it may be damaged") from e
+        steps = mngr.all_steps()
+        if not steps:
+            raise CheckpointError(f"{directory} holds no finished checkpoint; train first")
+        if which in ("best", "latest"):
+            step = max(steps)
+        else:
+            step = int(which)
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint at step {step} in {directory}; available: {sorted(steps)}")
+        try:
+            # Restore onto this process's first device, whatever devices the run was saved from.
+            metadata = mngr.item_metadata(step)["model"]
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read "
+                                  f"({type(e).__name__}); it may be damaged") from e
     finally:
         mngr.close()
     model = restored["model"]
