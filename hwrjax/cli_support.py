@@ -50,9 +50,8 @@ def run_training(config: Any, workdir: str, allow_config_change: bool = False,
         initialize_distributed(coordinator_address, num_processes, process_id)
         import jax
 
-        from hwrjax import data, train
+        from hwrjax import train  # TensorFlow is imported (GPUs hidden from it) only when data loads.
 
-        data.hide_gpus_from_tensorflow()
         logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
         test = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)

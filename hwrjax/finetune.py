@@ -7,8 +7,9 @@
 each class (`holdout`) is held out to measure the gain; the rest is used for training.
 
 Training continues from the base run's best checkpoint (params and BatchNorm statistics)
-with a fresh optimizer of the base recipe's kind, a smaller learning rate (default: a tenth
-of the base peak) decayed by a cosine to zero. Each batch takes a `mix` share of the user's
+with a fresh optimizer of the base recipe's kind and a learning rate (default: a third of the
+base peak, the best trade-off of 1, 1/3 and 1/10 measured on a 99.4% convnet) decayed by a
+cosine to zero. Each batch takes a `mix` share of the user's
 training samples, a pass over them per epoch in an order keyed by fold_in(order key, epoch)
 (small sets are thus oversampled), and fills the rest with MNIST training examples drawn
 with fold_in(key, step); the base recipe's augmentation and dropout keys are
@@ -65,7 +66,7 @@ class FinetuneOptions:
 
     epochs: int = 30  # passes over the user's training samples
     mix: float = 0.5  # share of each batch taken from the user's samples; the rest is MNIST
-    learning_rate: float | None = None  # peak of the cosine decay; None: the base peak / 10
+    learning_rate: float | None = None  # peak of the cosine decay; None: the base peak / 3
     holdout: float = 0.2  # share of each class held out to measure (>= 1 when a class has >= 2)
     batch_size: int | None = None  # None: the base run's batch size
     seed: int | None = None  # None: the base run's seed
@@ -218,7 +219,7 @@ def finetune_config(base: ml_collections.ConfigDict, options: FinetuneOptions) -
     c.batch_size = int(options.batch_size or base.batch_size)
     c.seed = int(base.seed if options.seed is None else options.seed)
     c.num_epochs = int(options.epochs)
-    c.optimizer.learning_rate = float(options.learning_rate or base.optimizer.learning_rate / 10.0)
+    c.optimizer.learning_rate = float(options.learning_rate or base.optimizer.learning_rate / 3.0)
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 0.0
     c.schedule.final_lr_fraction = 0.0
@@ -438,7 +439,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over your training samples")
     p.add_argument("--mix", type=float, default=d.mix, help="share of each batch from your samples (rest: MNIST)")
     p.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=None,
-                   help="peak learning rate, cosine-decayed to 0 (default: the base run's peak / 10)")
+                   help="peak learning rate, cosine-decayed to 0 (default: a third of the base run's peak)")
     p.add_argument("--holdout", type=float, default=d.holdout, help="share of each class held out to measure")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="batch size (default: the base run's)")

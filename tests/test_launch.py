@@ -49,14 +49,10 @@ def test_smoke_run_writes_every_promised_file(tmp_path, require_mnist):
     assert os.listdir(os.path.join(workdir, "best")) and os.listdir(os.path.join(workdir, "checkpoints"))
 
 
+# Each name and range check is unit-tested in test_train.py; these check the path to the user.
 @pytest.mark.parametrize("override,message", [
     ("--config.model.name=vgg", "unknown model 'vgg'"),
-    ("--config.loss.name=focal", "unknown loss 'focal'"),
-    ("--config.optimizer.name=lion", "unknown optimizer 'lion'"),
-    ("--config.schedule.name=linear", "unknown schedule 'linear'"),
     ("--config.dataset.name=not_a_dataset", "unknown dataset 'not_a_dataset'"),
-    ("--config.batch_size=0", "batch_size must be a positive integer"),
-    ("--config.optimizer.learning_rate=-1.0", "learning_rate must be > 0"),
     ("--config.optimizer.learning_rat=0.1", "no field 'learning_rat'"),
     ("--config.batch_size=abc", "batch_size=abc"),
 ])
