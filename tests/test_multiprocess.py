@@ -74,3 +74,17 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     _, resumed = _digest(two)
     for a, b in zip(resumed, two_leaves):
         np.testing.assert_array_equal(a, b)
+
+
+def test_processes_that_disagree_on_the_config_stop_before_training(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    workdir = str(tmp_path / "run")
+    procs = [_launch(workdir, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}", f"--config.seed={i}") for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert "hwrjax: error: the processes of this run were given different configs" in err
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
