@@ -36,8 +36,9 @@ import numpy as np
 from hwrjax import evaluate as evaluate_lib
 from hwrjax.errors import CheckpointError, HwrjaxError
 
-__all__ = ["FORMATS", "PLATFORMS", "ExportError", "export_model", "export_main", "export_savedmodel",
-           "export_stablehlo", "export_tflite", "inference_function", "load_stablehlo"]
+__all__ = ["FORMATS", "PLATFORMS", "ExportError", "check_images", "export_main", "export_model", "export_savedmodel",
+           "export_stablehlo", "export_tflite", "inference_function", "load_stablehlo", "run_tflite",
+           "tflite_interpreter"]
 
 FORMATS = ("stablehlo", "savedmodel", "tflite")
 # jax.export lowers for these by default so one artifact runs on any of them.
@@ -274,7 +275,8 @@ def write_savedmodel(fn: Callable, path: str, batch_size: int | None = None,
         return float("nan")
     x = _check_inputs(batch_size)
     serve = tf.saved_model.load(path).signatures[SERVING_SIGNATURE]
-    return _compare("savedmodel", serve(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy(), np.asarray(jax.jit(fn)(x)))
+    got = serve(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy()
+    return _compare("savedmodel", got, np.asarray(jax.jit(fn)(x)))
 
 
 def export_savedmodel(model: Any, output: str, batch_size: int | None = None,

@@ -53,7 +53,8 @@ from hwrjax import train as train_lib
 from hwrjax.errors import ConfigError, DataError, HwrjaxError
 from hwrjax.logs import MetricLogger
 
-__all__ = ["FinetuneOptions", "Samples", "finetune", "finetune_main", "load_samples", "split_samples"]
+__all__ = ["FinetuneError", "FinetuneOptions", "Samples", "finetune", "finetune_main", "format_table", "load_samples",
+           "split_samples"]
 
 REPORT_NAME = "finetune.json"
 # Purpose ids folded into the run's order key: user-sample order and MNIST draws.
@@ -292,6 +293,8 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
                           f"use a multiple of {mesh.devices.size}")
     if isinstance(samples, (str, os.PathLike)):
         samples = load_samples(os.fspath(samples), base.num_classes)
+    if len(samples) == 0:
+        raise FinetuneError("no samples to fine-tune on; pass a folder with images in sub-folders 0..9")
     if int(samples.labels.max()) >= base.num_classes:
         raise FinetuneError(f"sample labels go up to {int(samples.labels.max())} but the model has "
                             f"{base.num_classes} classes")

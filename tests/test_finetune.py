@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from configs import mlp as mlp_config
-from conftest import mnist_available
+from conftest import make_workdir, mnist_available
 from hwrjax import checkpoint, data, evaluate, finetune, synth, train
 from hwrjax.errors import HwrjaxError
 
@@ -176,6 +176,12 @@ def test_load_samples_reads_formats_and_lists_what_it_skips(tmp_path):
 
 # --------------------------------------------------------------------------------------
 # Refusals: one line, exit 2, before any training (the untrained fixture needs no data)
+
+
+@pytest.fixture(scope="module")
+def untrained_workdir(tmp_path_factory):
+    """One untrained run shared by the refusal tests (none of them may change it)."""
+    return make_workdir(str(tmp_path_factory.mktemp("untrained") / "run"))
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
