@@ -39,10 +39,17 @@ def small_resnet_config():
     return c
 
 
+@pytest.fixture(scope="session")
+def _untrained_template(tmp_path_factory):
+    return make_workdir(str(tmp_path_factory.mktemp("template") / "run"))
+
+
 @pytest.fixture
-def untrained_workdir(tmp_path):
-    """A workdir with config.json and an untrained small ResNet checkpoint (no data needed)."""
-    return make_workdir(str(tmp_path / "run"))
+def untrained_workdir(tmp_path, _untrained_template):
+    """A workdir of its own with config.json and an untrained small ResNet checkpoint (no data needed)."""
+    import shutil
+
+    return shutil.copytree(_untrained_template, str(tmp_path / "run"))
 
 
 def mnist_available() -> bool:
