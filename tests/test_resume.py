@@ -102,20 +102,21 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference, devices):
     assert digest == reference(devices)
 
 
-def test_sigterm_saves_exits_cleanly_and_resume_is_identical(tmp_path, reference):
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sigterm_saves_exits_cleanly_and_resume_is_identical(tmp_path, reference, devices):
     workdir = str(tmp_path / "run")
-    proc = _start_and_interrupt(workdir, signal.SIGTERM)
+    proc = _start_and_interrupt(workdir, signal.SIGTERM, devices)
     err = proc.stderr.read()
     assert proc.returncode == 0, err[-2000:]
     assert "rerun the same command to resume" in err
     stopped_at = _last_logged_step(workdir)
     saved = checkpoint.Checkpointer(workdir).latest_step()
     assert saved is not None and stopped_at <= saved < EPOCHS * 32  # saved where it stopped, before the end
-    _run(workdir)
-    assert _digest(workdir) == reference(1)
+    _run(workdir, devices)
+    assert _digest(workdir) == reference(devices)
     # A finished run is not retrained: it says so and reports again.
     lines_before = open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss")
-    again = _run(workdir)
+    again = _run(workdir, devices)
     assert "already finished" in again.stderr
     assert open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss") == lines_before
     assert "test accuracy" in again.stdout
