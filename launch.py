@@ -17,6 +17,9 @@ flags.DEFINE_bool("allow_config_change", False, "Resume a workdir even though th
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "Index of this process in a multi-process run.")
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "Persistent cache of compiled steps (default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/hwrjax/jax); pass an empty value to turn it off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +29,8 @@ def main(argv):
     from hwrjax import cli_support
 
     sys.exit(cli_support.run_training(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
-                                      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
+                                      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                      FLAGS.compilation_cache_dir))
 
 
 def parse_flags(argv):

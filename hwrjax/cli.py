@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         sys.stderr.write(f"hwrjax: unknown command {name!r}; use one of {', '.join(COMMANDS)}\n")
         return 2
+    from hwrjax.cli_support import enable_compilation_cache
+
+    enable_compilation_cache(None)
     module_name, func_name = COMMANDS[name][0].split(":")
     try:
         module = importlib.import_module(module_name)

@@ -1,13 +1,24 @@
 """Shared fixtures: a workdir holding an (untrained) checkpoint, without needing any dataset."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
-import jax
+# One persistent compilation cache for this test session, inherited by every launch.py and
+# `hwrjax` subprocess: the many smoke runs of one recipe compile their steps once. It starts
+# empty, so no run outside the session is reused, and it is removed at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="hwrjax-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+import jax  # noqa: E402
 import pytest
 
-from configs import default
-from hwrjax import checkpoint, models, optim, train
+from configs import default  # noqa: E402
+from hwrjax import checkpoint, models, optim, train  # noqa: E402
 
 
 def make_workdir(path: str, config=None, seed: int = 0) -> str:

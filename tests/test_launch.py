@@ -28,8 +28,11 @@ def _error_line(proc):
 
 def test_smoke_run_writes_every_promised_file(tmp_path, require_mnist):
     workdir = str(tmp_path / "run")
-    proc = _launch(workdir, "--config.seed=3")
+    cache = tmp_path / "cache"
+    proc = _launch(workdir, "--config.seed=3", f"--compilation_cache_dir={cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The compiled train step was kept for the next run of this recipe.
+    assert any(name.startswith("jit_fused") for name in os.listdir(cache)), os.listdir(cache)
     assert "test accuracy" in proc.stdout
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["seed"] == 3 and config["model"]["name"] == "mlp"
@@ -81,3 +84,26 @@ def test_missing_dataset_without_network_names_tfds_data_dir(tmp_path):
     env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "empty"))
     line = _error_line(_launch(str(tmp_path / "run"), env=env))
     assert "TFDS_DATA_DIR" in line and "not prepared" in line
+
+
+def test_compilation_cache_folder_that_cannot_be_used_does_not_stop_the_run(tmp_path, monkeypatch):
+    import jax
+
+    from hwrjax import cli_support
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert cli_support.enable_compilation_cache(str(blocker / "cache")) is None
+        assert cli_support.enable_compilation_cache("") is None
+        assert jax.config.jax_compilation_cache_dir == before  # left untouched
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+        assert cli_support.default_cache_dir() == ""  # set but empty: no cache
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert cli_support.default_cache_dir() == str(tmp_path / "xdg" / "hwrjax" / "jax")
+        assert cli_support.enable_compilation_cache(None) == str(tmp_path / "xdg" / "hwrjax" / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "hwrjax" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -31,12 +31,15 @@ def _launch(workdir: str, env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _two_processes(workdir: str) -> list[str]:
+def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    procs = [_launch(workdir, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                     f"--process_id={i}") for i in range(2)]
+    return [_launch(workdir, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}") for i in range(2)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -51,16 +54,14 @@ def _digest(workdir: str) -> tuple[str, list]:
 
 def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, require_mnist):
     two = str(tmp_path / "two")
-    outs = _two_processes(two)
-    assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
-    _, two_leaves = _digest(two)
-
-    # One process with two devices: the same global computation.
+    procs = _start_two_processes(two)
+    # Meanwhile, one process with two devices: the same global computation.
     one = str(tmp_path / "one")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = _launch(one, env)
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
+    _finish([_launch(one, env)])
+    outs = _finish(procs)
+    assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
+    _, two_leaves = _digest(two)
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -70,7 +71,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
     for s in steps[1:]:
         shutil.rmtree(os.path.join(ckpt_dir, str(s)))
-    _two_processes(two)
+    _finish(_start_two_processes(two))
     _, resumed = _digest(two)
     for a, b in zip(resumed, two_leaves):
         np.testing.assert_array_equal(a, b)

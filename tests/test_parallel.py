@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,20 +13,32 @@ PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_probe
 STEPS = 20
 
 
-def _probe(mode: str, devices: int) -> dict:
+def _start_probe(mode: str, devices: int) -> tuple[subprocess.Popen, object]:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    out = subprocess.run([sys.executable, PROBE, mode, str(STEPS)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # Logs go to a temporary file: a full stderr pipe would stall a probe until it is read.
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, PROBE, mode, str(STEPS)], env=env, stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+    return proc, err
+
+
+def _result(started: tuple[subprocess.Popen, object], devices: int) -> dict:
+    proc, err = started
+    out, _ = proc.communicate(timeout=600)
+    err.seek(0)
+    assert proc.returncode == 0, err.read()[-3000:]
+    err.close()
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["devices"] == devices
     return result
 
 
 @pytest.fixture(scope="module")
 def runs():
-    return {("jit", 1): _probe("jit", 1), ("jit", 8): _probe("jit", 8), ("pmap", 8): _probe("pmap", 8)}
+    # The three probes run at once: much of each is single-threaded start-up and dispatch.
+    started = {key: _start_probe(*key) for key in [("jit", 1), ("jit", 8), ("pmap", 8)]}
+    return {key: _result(proc, key[1]) for key, proc in started.items()}
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])

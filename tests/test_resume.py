@@ -18,8 +18,9 @@ from hwrjax import checkpoint, train
 from hwrjax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A smoke ResNet long enough (4 epochs x 32 steps) to be killed part way through.
-EPOCHS = 4
+# A smoke ResNet long enough (3 epochs x 32 steps) to be interrupted twice part way through.
+EPOCHS = 3
+TOTAL_STEPS = EPOCHS * 32
 OVERRIDES = [f"--config.num_epochs={EPOCHS}", "--config.checkpoint.every_steps=12", "--config.log_every_steps=4",
              "--config.dataset.test_split=test[:500]", "--config.report_plots=False"]
 
@@ -51,13 +52,13 @@ def _last_logged_step(workdir: str) -> int:
 
 
 def _start_and_interrupt(workdir: str, sig: int, devices: int = 1, after_step: int = 40) -> subprocess.Popen:
-    """Starts a run and sends `sig` once it has logged `after_step` (mid-epoch, past a checkpoint)."""
+    """Starts (or resumes) a run and sends `sig` once it has logged `after_step` (mid-epoch)."""
     proc = subprocess.Popen(_command(workdir), env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 300
     while _last_logged_step(workdir) < after_step:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "run did not reach the kill step"
+        assert time.time() < deadline, "run did not reach the interrupt step"
         time.sleep(0.05)
     proc.send_signal(sig)
     proc.wait(timeout=120)
@@ -72,64 +73,12 @@ def _digest(workdir: str) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Digests of uninterrupted runs, per device count."""
-    if not os.environ.get("TFDS_DATA_DIR"):
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
-    cache = {}
-
-    def get(devices: int) -> str:
-        if devices not in cache:
-            workdir = str(tmp_path_factory.mktemp(f"reference{devices}"))
-            _run(workdir, devices)
-            cache[devices] = _digest(workdir)
-            print(f"reference parameter sha256 on {devices} device(s): {cache[devices]}")
-        return cache[devices]
-
-    return get
-
-
-@pytest.mark.parametrize("devices", [1, 8])
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference, devices):
-    workdir = str(tmp_path / "run")
-    proc = _start_and_interrupt(workdir, signal.SIGKILL, devices)
-    assert proc.returncode == -signal.SIGKILL
-    assert checkpoint.Checkpointer(workdir).latest_step() < EPOCHS * 32  # it really was cut short
-    _run(workdir, devices)
-    digest = _digest(workdir)
-    print(f"resumed parameter sha256 on {devices} device(s): {digest}")
-    assert digest == reference(devices)
-
-
-@pytest.mark.parametrize("devices", [1, 8])
-def test_sigterm_saves_exits_cleanly_and_resume_is_identical(tmp_path, reference, devices):
-    workdir = str(tmp_path / "run")
-    proc = _start_and_interrupt(workdir, signal.SIGTERM, devices)
-    err = proc.stderr.read()
-    assert proc.returncode == 0, err[-2000:]
-    assert "rerun the same command to resume" in err
-    stopped_at = _last_logged_step(workdir)
-    saved = checkpoint.Checkpointer(workdir).latest_step()
-    assert saved is not None and stopped_at <= saved < EPOCHS * 32  # saved where it stopped, before the end
-    _run(workdir, devices)
-    assert _digest(workdir) == reference(devices)
-    # A finished run is not retrained: it says so and reports again.
-    lines_before = open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss")
-    again = _run(workdir, devices)
-    assert "already finished" in again.stderr
-    assert open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss") == lines_before
-    assert "test accuracy" in again.stdout
-
-
-def test_damaged_checkpoint_falls_back_to_an_older_one(tmp_path, reference):
-    workdir = str(tmp_path / "run")
-    _start_and_interrupt(workdir, signal.SIGKILL, after_step=60)
+def _damage_newest_checkpoint(workdir: str) -> tuple[int, str]:
+    """Truncates every data file of the newest checkpoint's model item; returns its step and path."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-    assert len(steps) >= 2
+    assert len(steps) >= 2, steps  # an older one to fall back to
     newest = os.path.join(ckpt_dir, str(steps[-1]))
-    # Truncate every data file of the newest checkpoint's model item.
     damaged = 0
     for root, _, files in os.walk(os.path.join(newest, "model")):
         for name in files:
@@ -139,9 +88,75 @@ def test_damaged_checkpoint_falls_back_to_an_older_one(tmp_path, reference):
                     f.truncate(os.path.getsize(path) // 3)
                 damaged += 1
     assert damaged
-    proc = _run(workdir)
-    assert f"step {steps[-1]}" in proc.stderr and "damaged" in proc.stderr and newest in proc.stderr
-    assert _digest(workdir) == reference(1)
+    return steps[-1], newest
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Digests of uninterrupted runs on 1 and 8 devices, both started at once in the background."""
+    if not os.environ.get("TFDS_DATA_DIR"):
+        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
+    started = {}
+    for devices in (1, 8):
+        root = tmp_path_factory.mktemp(f"reference{devices}")
+        log = open(root / "stderr.log", "w+")  # a file, not a pipe: a full pipe would stall the run
+        started[devices] = (str(root / "run"), log, subprocess.Popen(
+            _command(str(root / "run")), env=_env(devices), stdout=subprocess.DEVNULL, stderr=log))
+    cache = {}
+
+    def get(devices: int) -> str:
+        if devices not in cache:
+            workdir, log, proc = started[devices]
+            proc.wait(timeout=900)
+            log.seek(0)
+            assert proc.returncode == 0, log.read()[-3000:]
+            cache[devices] = _digest(workdir)
+            print(f"reference parameter sha256 on {devices} device(s): {cache[devices]}")
+        return cache[devices]
+
+    yield get
+    for _, log, proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_interrupted_three_ways_ends_bitwise_identical(tmp_path, reference, devices):
+    """SIGTERM, then SIGKILL, then a damaged newest checkpoint: the run still ends bit for bit as
+    the uninterrupted one, and relaunching a finished run does not train again."""
+    workdir = str(tmp_path / "run")
+
+    # SIGTERM (a scheduler's preemption notice): saves where it is and exits 0 with a hint.
+    proc = _start_and_interrupt(workdir, signal.SIGTERM, devices, after_step=28)
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err[-2000:]
+    assert "rerun the same command to resume" in err
+    stopped_at = _last_logged_step(workdir)
+    saved = checkpoint.Checkpointer(workdir).latest_step()
+    assert saved is not None and stopped_at <= saved < TOTAL_STEPS  # saved where it stopped, before the end
+
+    # Resume, then SIGKILL (no chance to save) in the next epoch.
+    proc = _start_and_interrupt(workdir, signal.SIGKILL, devices, after_step=64)
+    assert proc.returncode == -signal.SIGKILL
+    assert saved < checkpoint.Checkpointer(workdir).latest_step() < TOTAL_STEPS  # it resumed and was cut short
+
+    # The newest checkpoint is damaged (e.g. the disk filled while it was written): resume reports it
+    # with its step and path and falls back to the one before.
+    step, newest = _damage_newest_checkpoint(workdir)
+    proc = _run(workdir, devices)
+    assert f"step {step}" in proc.stderr and "damaged" in proc.stderr and newest in proc.stderr
+    digest = _digest(workdir)
+    print(f"resumed parameter sha256 on {devices} device(s): {digest}")
+    assert digest == reference(devices)
+
+    # A finished run is not retrained: it says so and reports again.
+    lines_before = open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss")
+    again = _run(workdir, devices)
+    assert "already finished" in again.stderr
+    assert open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss") == lines_before
+    assert "test accuracy" in again.stdout
 
 
 def test_no_readable_checkpoint_never_silently_restarts(tmp_path, untrained_workdir):
@@ -150,7 +165,8 @@ def test_no_readable_checkpoint_never_silently_restarts(tmp_path, untrained_work
     for item in ("model", "opt"):
         shutil.rmtree(os.path.join(ckpt_dir, item))
     config = checkpoint.load_config(untrained_workdir)
-    state = train.create_train_state(*_model_and_tx(config), jax.random.key(0))
+    model, tx = _model_and_tx(config)
+    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(0))
     with pytest.raises(Exception, match="no readable checkpoint"):
         checkpoint.Checkpointer(untrained_workdir).restore_latest(state)
 
