@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         for _ in range(FLAGS.steps):
             loss = torch_step()
-        float(loss)
+        loss.detach().item()
         torch_rates.append(FLAGS.steps * b / (time.perf_counter() - t0))
 
     result = {
