@@ -6,7 +6,8 @@
 For each recipe: compile time of the training step, images/s of the step on a batch already
 on device, and images/s of the fused step the trainer runs (gather by index + augmentation +
 step) on the whole dataset held on device; the difference is the input pipeline's share.
-Figures are medians over --repeats timed runs of --steps steps each.
+Figures are medians over --repeats timed runs of --steps steps each; the two variants are
+timed in alternation so that machine noise does not land on one of them.
 """
 
 from __future__ import annotations
@@ -34,15 +35,20 @@ flags.DEFINE_integer("num_train", 55_000, "Size of the on-device training set fo
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
 
 
-def _time(fn, state, steps: int, repeats: int) -> tuple[float, object]:
-    times = []
+def _time_alternating(fns: dict, states: dict, steps: int, repeats: int) -> tuple[dict, dict]:
+    """Median seconds per step of each fn, timed in alternation (a, b, a, b, ...) so that the
+    machine's noise hits every variant alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = fn(state)
-        jax.block_until_ready(metrics)
-        times.append((time.perf_counter() - start) / steps)
-    return float(np.median(times)), state
+        for name, fn in fns.items():
+            state = states[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = fn(state)
+            jax.block_until_ready(metrics)
+            times[name].append((time.perf_counter() - start) / steps)
+            states[name] = state
+    return {name: float(np.median(t)) for name, t in times.items()}, states
 
 
 def measure(name: str) -> dict:
@@ -63,18 +69,21 @@ def measure(name: str) -> dict:
     start = time.perf_counter()
     compiled = plain.lower(state, batch, keys.dropout).compile()
     compile_s = time.perf_counter() - start
-    state, _ = compiled(state, batch, keys.dropout)
-    step_s, state = _time(lambda s: compiled(s, batch, keys.dropout), state, FLAGS.steps, FLAGS.repeats)
-
     fused = train.make_fused_train_step(loss_fn, augment.AugmentParams.from_config(config.augment), keys,
                                         FLAGS.num_train, b, mesh)
     order = train.epoch_order(keys.order, 0, FLAGS.num_train)
-    state, _ = fused(state, images, labels, order)
-    fused_s, state = _time(lambda s: fused(s, images, labels, order), state, FLAGS.steps, FLAGS.repeats)
+    fns = {"step": lambda s: compiled(s, batch, keys.dropout),
+           "fused": lambda s: fused(s, images, labels, order)}
+    states = {"step": state, "fused": train.create_train_state(model, tx, keys.init)}
+    for key, fn in fns.items():  # the first call of each compiles / warms up
+        states[key], metrics = fn(states[key])
+        jax.block_until_ready(metrics)
+    medians, states = _time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
+    step_s, fused_s = medians["step"], medians["fused"]
     return {"config": name, "model": config.model.name, "batch_size": b, "compile_s": compile_s,
             "step_images_per_s": b / step_s, "pipeline_images_per_s": b / fused_s,
             "input_pipeline_share": max(0.0, (fused_s - step_s) / fused_s),
-            "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+            "params": int(sum(x.size for x in jax.tree.leaves(states["fused"].params)))}
 
 
 def main(argv):
