@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hwrjax import layers
 from hwrjax.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -79,7 +80,7 @@ class ConvNet(nn.Module):
         x = x.astype(self.dtype)
         k = (self.kernel_size, self.kernel_size)
         for width in self.conv_widths:
-            x = nn.Conv(width, k, padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype)(x)
+            x = layers.Conv(width, k, padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype)(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                  axis_name=self.bn_axis_name)(x)
@@ -156,7 +157,7 @@ class ResNet(nn.Module):
             raise ConfigError("config.model.stage_sizes and config.model.stage_widths must have the same length")
         _check_pool(self.pooling)
         act = get_activation(self.activation)
-        conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
+        conv = functools.partial(layers.Conv, use_bias=False, padding="SAME", dtype=self.dtype,
                                  kernel_init=nn.initializers.kaiming_normal())
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                                  epsilon=1e-5, dtype=self.dtype, axis_name=self.bn_axis_name)

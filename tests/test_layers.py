@@ -1,0 +1,40 @@
+"""hwrjax.layers.Conv: the same function, gradients and parameters as flax.linen.Conv."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hwrjax import layers
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 28), (3, 2, 28), (1, 2, 14), (3, 2, 7), (5, 1, 9)])
+def test_matmul_kernel_gradient_equals_xlas(kernel, stride, size):
+    x = jax.random.normal(jax.random.key(0), (3, size, size, 4))
+    ours = layers.Conv(6, (kernel, kernel), stride, kernel_grad="matmul")
+    ref = nn.Conv(6, (kernel, kernel), stride, padding="SAME")
+    variables = ref.init(jax.random.key(1), x)
+    # Same parameter tree: checkpoints of either load into the other.
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(variables)
+    loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+    np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1))(variables, x)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    # The custom gradient really is in use: its backward pass builds patches for a matrix product.
+    ours_jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), argnums=(0, 1)))(variables, x))
+    ref_jaxpr = str(jax.make_jaxpr(jax.grad(loss(ref), argnums=(0, 1)))(variables, x))
+    assert ("concatenate" in ours_jaxpr or kernel == 1) and "concatenate" not in ref_jaxpr
+    # forward + input gradient, against forward + input gradient + kernel gradient
+    assert ours_jaxpr.count("conv_general_dilated") == 2 and ref_jaxpr.count("conv_general_dilated") == 3
+
+
+def test_modes():
+    assert layers.use_matmul_kernel_grad("matmul") and not layers.use_matmul_kernel_grad("xla")
+    assert layers.use_matmul_kernel_grad("auto") == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="kernel_grad must be one of"):
+        layers.use_matmul_kernel_grad("fast")
+    with pytest.raises(ValueError, match="padding='SAME' only"):
+        layers.Conv(2, (3, 3), padding="VALID").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
