@@ -109,8 +109,8 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     net = _torch_resnet(torch, config.model)
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
-    other = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    other = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": config.optimizer.weight_decay},
                            {"params": other, "weight_decay": 0.0}],
                           lr=config.optimizer.learning_rate, momentum=config.optimizer.momentum,
