@@ -4,12 +4,23 @@ MNIST-sized datasets fit on any device many times over, so each split is loaded 
 kept on device, and batches are gathered inside the jitted step by index (see
 `hwrjax.train`). Batch order is then a pure function of (seed, epoch) and never of how
 far an iterator was advanced.
+
+Decoding a split through tfds imports TensorFlow and parses every record (~13 s for MNIST
+here); the decoded arrays are therefore kept in a disk cache ($HWRJAX_DATA_CACHE_DIR, set
+but empty to turn it off; else ~/.cache/hwrjax/datasets) keyed by the dataset, its data
+dir, the split and the size and modification time of the prepared files, so a changed
+dataset is decoded again. A later run reads the arrays back without importing TensorFlow.
+The cache only saves time: a damaged entry is decoded again and replaced, and a folder
+that cannot be written is logged and skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -66,7 +77,7 @@ def get_builder(config: Any):
 
     name = config.dataset.name
     base = name.split("/")[0].split(":")[0]
-    if base not in tfds.list_builders():
+    if base not in tfds.list_builders(with_community_datasets=False):
         raise ConfigError(f"unknown dataset {name!r}; set config.dataset.name to a tfds image "
                           "classification dataset such as 'mnist', 'fashion_mnist', 'kmnist' or 'emnist/digits'")
     data_dir = _data_dir(config)
@@ -121,28 +132,95 @@ def ensure_prepared(config: Any) -> Any:
 
 _CACHE: dict[tuple, Split] = {}
 _CACHE_LIMIT = 8
+DATA_CACHE_ENV = "HWRJAX_DATA_CACHE_DIR"
 
 
-def _load(builder: Any, split: str) -> Split:
-    """Reads a whole split; repeated reads in one process come from a small in-memory cache."""
+def default_data_cache_dir() -> str:
+    """$HWRJAX_DATA_CACHE_DIR (set but empty: no disk cache), else a per-user cache folder."""
+    if DATA_CACHE_ENV in os.environ:
+        return os.environ[DATA_CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hwrjax", "datasets")
+
+
+def _disk_cache_path(builder: Any, split: str) -> str | None:
+    """The cache file of `split`, named by a hash of everything that determines its contents."""
+    folder = default_data_cache_dir()
+    if not folder:
+        return None
+    data_dir = os.path.realpath(str(builder.data_dir))
+    try:
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(data_dir) if e.is_file())
+    except OSError:
+        return None
+    key = json.dumps([builder.info.full_name, data_dir, split, files])
+    name = builder.info.full_name.replace("/", "_")
+    return os.path.join(os.path.abspath(os.path.expanduser(folder)), name,
+                        hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+
+
+def _read_disk_cache(path: str) -> Split | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = np.asarray(f["images"]), np.asarray(f["labels"])
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # Truncated or foreign file: decode again and replace it.
+        logging.warning("Dataset cache entry %s is unreadable (%s); decoding the split again.", path, e)
+        return None
+    if (images.dtype != np.uint8 or labels.dtype != np.int32 or images.shape[1:] != IMAGE_SHAPE
+            or images.shape[0] != labels.shape[0]):
+        logging.warning("Dataset cache entry %s has unexpected contents; decoding the split again.", path)
+        return None
+    return Split(images=images, labels=labels)
+
+
+def _write_disk_cache(path: str, split: Split) -> None:
+    """Writes atomically (temporary file + rename), so readers never see half a file."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, images=split.images, labels=split.labels)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        logging.warning("Dataset cache not written to %s (%s); the next run decodes the split again.", path, e)
+
+
+def _decode(builder: Any, split: str) -> Split:
+    """Reads a whole split through tfds (imports TensorFlow)."""
     import tensorflow_datasets as tfds
 
+    hide_gpus_from_tensorflow()
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    return Split(images=np.asarray(data["image"], np.uint8), labels=np.asarray(data["label"], np.int32))
+
+
+def load_split(builder: Any, split: str) -> Split:
+    """Reads a whole split: from this process's memory, else the disk cache, else tfds."""
     key = (builder.info.full_name, str(builder.data_dir), split)
     if key not in _CACHE:
-        data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-        images = np.asarray(data["image"], np.uint8)
-        labels = np.asarray(data["label"], np.int32)
-        images.setflags(write=False)
-        labels.setflags(write=False)
+        path = _disk_cache_path(builder, split)
+        loaded = _read_disk_cache(path) if path else None
+        if loaded is None:
+            loaded = _decode(builder, split)
+            if path:
+                _write_disk_cache(path, loaded)
+        loaded.images.setflags(write=False)
+        loaded.labels.setflags(write=False)
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = Split(images=images, labels=labels)
+        _CACHE[key] = loaded
     return _CACHE[key]
 
 
 def load_splits(config: Any) -> Splits:
     """Loads train (minus the validation carve-out), validation and test as numpy arrays."""
-    hide_gpus_from_tensorflow()
     builder = ensure_prepared(config)
     splits = builder.info.splits
     test_base = config.dataset.test_split.split("[")[0]
@@ -157,9 +235,9 @@ def load_splits(config: Any) -> Splits:
     # documented carve-out that every run (and every seed) shares.
     limit = int(config.dataset.limit_train)
     train_end = min(num_train - val, limit) if limit > 0 else num_train - val
-    train = _load(builder, f"train[:{train_end}]")
-    validation = _load(builder, f"train[{num_train - val}:]") if val else None
-    test = _load(builder, config.dataset.test_split)
+    train = load_split(builder, f"train[:{train_end}]")
+    validation = load_split(builder, f"train[{num_train - val}:]") if val else None
+    test = load_split(builder, config.dataset.test_split)
     label = builder.info.features["label"]
     names = tuple(label.names) if getattr(label, "names", None) else tuple(str(i) for i in range(label.num_classes))
     logging.info("Loaded %s: %d train, %d validation, %d test examples.", config.dataset.name,

@@ -242,7 +242,6 @@ def ensemble_probs(models: Sequence[str | LoadedModel | Any], images_uint8: np.n
 def _builder(config: Any) -> Any:
     from hwrjax import data as data_lib
 
-    data_lib.hide_gpus_from_tensorflow()
     return data_lib.ensure_prepared(config)
 
 
@@ -285,10 +284,10 @@ def resolve_split(config: Any, split: str, builder: Any = None) -> tuple[str, in
 
 def load_split(builder: Any, tfds_split: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, 28, 28, 1] and int32 labels [N] of a tfds split, in the split's order."""
-    import tensorflow_datasets as tfds
+    from hwrjax import data as data_lib
 
-    data = tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=-1, shuffle_files=False))
-    return np.asarray(data["image"], np.uint8), np.asarray(data["label"], np.int32)
+    split = data_lib.load_split(builder, tfds_split)
+    return split.images, split.labels
 
 
 def _class_names(builder: Any) -> tuple[str, ...]:

@@ -14,6 +14,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# Likewise one decoded-dataset cache for the session (hwrjax.data), empty at the start.
+if "HWRJAX_DATA_CACHE_DIR" not in os.environ:
+    _DATA_CACHE = tempfile.mkdtemp(prefix="hwrjax-test-data-cache-")
+    os.environ["HWRJAX_DATA_CACHE_DIR"] = _DATA_CACHE
+    atexit.register(shutil.rmtree, _DATA_CACHE, ignore_errors=True)
+
 import jax  # noqa: E402
 import pytest
 

@@ -1,4 +1,6 @@
-"""Dataset loading by name, the validation carve-out, and missing-data errors."""
+"""Dataset loading by name, the validation carve-out, missing-data errors and the disk cache."""
+
+import os
 
 import numpy as np
 import pytest
@@ -55,3 +57,90 @@ def test_missing_dataset_names_tfds_data_dir(tmp_path):
 def test_bad_validation_size(require_mnist):
     with pytest.raises(ConfigError, match="validation_size"):
         data.load_splits(_config(validation_size=60_000))
+
+
+@pytest.fixture
+def disk_cache(tmp_path, monkeypatch):
+    """A fresh disk cache folder and an empty in-process cache."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(data.DATA_CACHE_ENV, str(folder))
+    monkeypatch.setattr(data, "_CACHE", {})
+    return folder
+
+
+def _cache_files(folder):
+    return sorted(folder.rglob("*.npz"))
+
+
+def test_disk_cache_returns_the_decoded_split_without_decoding(require_mnist, disk_cache, monkeypatch):
+    builder = data.ensure_prepared(_config())
+    first = data.load_split(builder, "test[:300]")
+    (entry,) = _cache_files(disk_cache)
+    monkeypatch.setattr(data, "_CACHE", {})
+
+    def no_decode(*args):
+        raise AssertionError("decoded although the disk cache holds the split")
+
+    monkeypatch.setattr(data, "_decode", no_decode)
+    again = data.load_split(builder, "test[:300]")
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert again.images.dtype == np.uint8 and again.labels.dtype == np.int32 and not again.images.flags.writeable
+
+
+def test_damaged_disk_cache_entry_is_decoded_again_and_replaced(require_mnist, disk_cache, monkeypatch, caplog):
+    builder = data.ensure_prepared(_config())
+    first = data.load_split(builder, "test[:200]")
+    (entry,) = _cache_files(disk_cache)
+    entry.write_bytes(entry.read_bytes()[:1000])  # a run killed mid-write by something other than us
+    monkeypatch.setattr(data, "_CACHE", {})
+    again = data.load_split(builder, "test[:200]")
+    np.testing.assert_array_equal(again.images, first.images)
+    assert "unreadable" in caplog.text
+    with np.load(entry) as f:  # rewritten whole
+        np.testing.assert_array_equal(f["labels"], first.labels)
+
+
+def test_disk_cache_key_follows_dataset_files_and_split(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.DATA_CACHE_ENV, str(tmp_path / "cache"))
+    prepared = tmp_path / "mnist" / "3.0.1"
+    prepared.mkdir(parents=True)
+    (prepared / "mnist-train.tfrecord-00000-of-00001").write_bytes(b"x" * 10)
+
+    class Builder:
+        data_dir = str(prepared)
+
+        class info:
+            full_name = "mnist/3.0.1"
+
+    base = data._disk_cache_path(Builder, "train[:100]")
+    assert base.startswith(str(tmp_path / "cache")) and base != data._disk_cache_path(Builder, "train[:101]")
+    # A re-prepared dataset (new file contents) must not be served the old arrays.
+    (prepared / "mnist-train.tfrecord-00000-of-00001").write_bytes(b"y" * 11)
+    assert data._disk_cache_path(Builder, "train[:100]") != base
+    monkeypatch.setenv(data.DATA_CACHE_ENV, "")  # set but empty: no disk cache
+    assert data._disk_cache_path(Builder, "train[:100]") is None
+
+
+def test_unwritable_disk_cache_is_skipped(require_mnist, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(data.DATA_CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setattr(data, "_CACHE", {})
+    split = data.load_split(data.ensure_prepared(_config()), "test[:50]")
+    assert len(split) == 50 and "Dataset cache not written" in caplog.text
+
+
+def test_cached_launch_does_not_import_tensorflow(require_mnist, disk_cache):
+    import subprocess
+    import sys
+
+    code = ("import sys; from configs import default; from hwrjax import data; c = default.get_config(); "
+            "c.dataset.test_split = 'test[:100]'; s = data.load_splits(c); "
+            "print(len(s.train), len(s.test), 'tensorflow' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=root).stdout.split()
+            for _ in range(2)]
+    assert runs[0] == ["55000", "100", "True"]  # decoded through tfds
+    assert runs[1] == ["55000", "100", "False"]  # read back from the disk cache
