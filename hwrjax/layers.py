@@ -1,4 +1,6 @@
-"""A 2-D convolution whose kernel gradient is a matrix product on CPU.
+"""Layers that train faster on CPU than their flax/XLA equivalents, with the same results.
+
+`Conv`: a 2-D convolution whose kernel gradient is a matrix product on CPU.
 
 XLA's CPU backend computes the forward convolution and the input gradient well, but the
 kernel gradient (a convolution of the input with the output gradient) is slow: in the
@@ -9,6 +11,12 @@ input gradient stay XLA's own. On GPU and TPU the plain XLA convolution is used.
 
 `Conv` is a drop-in for the `flax.linen.Conv` we use (SAME padding, NHWC, HWIO kernel, the
 same parameter names and shapes), so checkpoints are interchangeable.
+
+`max_pool` / `avg_pool`: pooling with non-overlapping windows (window == strides, VALID) as a
+reshape and a reduction, whose gradient XLA computes without the slow select-and-scatter of
+`nn.max_pool`; other window/stride combinations fall back to flax. Forward values are
+identical; where several inputs of a max window tie, the gradient is shared among them
+instead of going to the first one.
 """
 
 from __future__ import annotations
@@ -104,3 +112,38 @@ class Conv(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
         return y
+
+
+def _windows(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None,
+             padding: str) -> tuple[int, int] | None:
+    """(wh, ww) when the pooling is non-overlapping and VALID, i.e. a reshape can do it; else None."""
+    window = tuple(window)
+    strides = (1,) * len(window) if strides is None else tuple(strides)  # flax: no strides = stride 1
+    if padding != "VALID" or strides != window or len(window) != 2 or x.ndim != 4:
+        return None
+    return window
+
+
+def _blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H//wh, wh, W//ww, ww, C], dropping the remainder rows/columns as VALID does."""
+    b, h, w, c = x.shape
+    ho, wo = h // wh, w // ww
+    return x[:, :ho * wh, :wo * ww].reshape(b, ho, wh, wo, ww, c)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str = "VALID") -> jax.Array:
+    """flax.linen.max_pool with the same signature; non-overlapping windows take the fast path."""
+    win = _windows(x, window, strides, padding)
+    if win is None:
+        return nn.max_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
+    return _blocks(x, *win).max(axis=(2, 4))
+
+
+def avg_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str = "VALID") -> jax.Array:
+    """flax.linen.avg_pool with the same signature; non-overlapping windows take the fast path."""
+    win = _windows(x, window, strides, padding)
+    if win is None:
+        return nn.avg_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
+    return _blocks(x, *win).mean(axis=(2, 4))

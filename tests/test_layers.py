@@ -1,4 +1,4 @@
-"""hwrjax.layers.Conv: the same function, gradients and parameters as flax.linen.Conv."""
+"""hwrjax.layers: Conv and the pools compute what flax.linen computes, by a faster route on CPU."""
 
 import flax.linen as nn
 import jax
@@ -38,3 +38,29 @@ def test_modes():
         layers.use_matmul_kernel_grad("fast")
     with pytest.raises(ValueError, match="padding='SAME' only"):
         layers.Conv(2, (3, 3), padding="VALID").init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
+
+
+@pytest.mark.parametrize("size", [28, 7, 5])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_non_overlapping_pools_equal_flax_without_reduce_window(kind, size):
+    ours, ref = getattr(layers, f"{kind}_pool"), getattr(nn, f"{kind}_pool")
+    # Continuous random values: no ties, so flax's first-of-the-window max gradient is unambiguous.
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    f = lambda pool: lambda x: jnp.sum(jnp.cos(pool(x, (2, 2), strides=(2, 2))) * jnp.arange(3.0))
+    # Odd sizes drop the last row and column, as VALID does: 7 -> 3.
+    assert ours(x, (2, 2), strides=(2, 2)).shape == (2, size // 2, size // 2, 3)
+    np.testing.assert_array_equal(ours(x, (2, 2), strides=(2, 2)), ref(x, (2, 2), strides=(2, 2)))
+    np.testing.assert_allclose(jax.grad(f(ours))(x), jax.grad(f(ref))(x), rtol=1e-6, atol=1e-7)
+    # The fast path is a reshape and a reduction: no windowed reduction, no select-and-scatter.
+    hlo = jax.jit(jax.grad(f(ours))).lower(x).as_text()
+    assert "reduce_window" not in hlo and "select_and_scatter" not in hlo
+    assert "select_and_scatter" in jax.jit(jax.grad(f(ref))).lower(x).as_text() or kind == "avg"
+
+
+def test_overlapping_or_padded_pools_fall_back_to_flax():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    np.testing.assert_array_equal(layers.max_pool(x, (3, 3), strides=(2, 2)), nn.max_pool(x, (3, 3), strides=(2, 2)))
+    np.testing.assert_array_equal(layers.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME"),
+                                  nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME"))
+    # No strides means stride 1 in flax: overlapping windows, the flax path.
+    np.testing.assert_array_equal(layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2)))
