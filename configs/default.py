@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model, chosen by name; the other fields are passed to its constructor.
     #   mlp:     hidden_sizes, activation, dropout_rate
-    #   convnet: conv_widths, dense_widths, kernel_size, activation, pooling, dropout_rate, batch_norm
+    #   convnet: conv_widths, dense_widths, kernel_size, activation, pooling, dropout_rate, batch_norm,
+    #            space_to_depth
     #   resnet:  stage_sizes, stage_widths, stem_width, block (basic|preact), activation, pooling,
     #            dropout_rate
     # activation: relu | leaky_relu | elu | gelu;  pooling: max | avg

@@ -37,6 +37,24 @@ def test_convnet_shape_and_parameter_count():
     assert _count(variables) == conv1 + conv2 + dense + out
 
 
+def test_space_to_depth_folds_blocks_into_channels():
+    x = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3)
+    y = models.space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)  # the odd last row is dropped
+    # Position (i, j) holds the 2x2 block at rows 2i..2i+1, columns 2j..2j+1, row-major, channels inner.
+    block = x[1, 2:4, 4:6, :].reshape(-1)
+    assert jnp.array_equal(y[1, 1, 2], block)
+
+
+def test_convnet_space_to_depth_replaces_the_first_pool():
+    model = models.ConvNet(conv_widths=(32, 64), dense_widths=(128,), batch_norm=True, space_to_depth=True)
+    variables, x = _init(model)
+    assert model.apply(variables, x).shape == (3, 10)
+    params = variables["params"]
+    assert params["Conv_0"]["kernel"].shape == (3, 3, 4, 32)  # 2x2 pixels -> 4 input channels
+    assert params["Dense_0"]["kernel"].shape == (7 * 7 * 64, 128)  # 28 -> 14 (fold) -> 7 (one pool)
+
+
 def test_resnet_shape_parameter_count_and_batch_stats():
     model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8)
     variables, x = _init(model)
