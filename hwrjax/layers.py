@@ -13,10 +13,10 @@ input gradient stay XLA's own. On GPU and TPU the plain XLA convolution is used.
 same parameter names and shapes), so checkpoints are interchangeable.
 
 `max_pool` / `avg_pool`: pooling with non-overlapping windows (window == strides, VALID) as a
-reshape and a reduction, whose gradient XLA computes without the slow select-and-scatter of
-`nn.max_pool`; other window/stride combinations fall back to flax. Forward values are
-identical; where several inputs of a max window tie, the gradient is shared among them
-instead of going to the first one.
+reshape and a reduction, without the windowed reduction and select-and-scatter of
+`nn.max_pool`; other window/stride combinations fall back to flax. Values and gradients are
+flax's: the max pool's gradient goes to the first maximum of each window (as
+select-and-scatter does), computed elementwise from the window and its maximum.
 """
 
 from __future__ import annotations
@@ -131,13 +131,47 @@ def _blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
     return x[:, :ho * wh, :wo * ww].reshape(b, ho, wh, wo, ww, c)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _block_max(x: jax.Array, wh: int, ww: int) -> jax.Array:
+    return _blocks(x, wh, ww).max(axis=(2, 4))
+
+
+def _block_max_fwd(x, wh, ww):
+    y = _block_max(x, wh, ww)
+    return y, (x, y)
+
+
+def _block_max_bwd(wh, ww, residuals, dy):
+    x, y = residuals
+    xb = _blocks(x, wh, ww)
+    # The gradient goes to the first maximum of each window in row-major order, as with
+    # select-and-scatter; everything is elementwise, so XLA fuses it into one loop.
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in range(wh):
+        cols = []
+        for j in range(ww):
+            hit = (xb[:, :, i, :, j] == y) & ~taken
+            taken = taken | hit
+            cols.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
+        rows.append(jnp.stack(cols, axis=3))
+    b, ho, wo, c = y.shape
+    dx = jnp.stack(rows, axis=2).reshape(b, ho * wh, wo * ww, c)
+    # Rows and columns a VALID pooling dropped get no gradient.
+    dx = jnp.pad(dx, ((0, 0), (0, x.shape[1] - ho * wh), (0, x.shape[2] - wo * ww), (0, 0)))
+    return (dx,)
+
+
+_block_max.defvjp(_block_max_fwd, _block_max_bwd)
+
+
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
              padding: str = "VALID") -> jax.Array:
     """flax.linen.max_pool with the same signature; non-overlapping windows take the fast path."""
     win = _windows(x, window, strides, padding)
     if win is None:
         return nn.max_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
-    return _blocks(x, *win).max(axis=(2, 4))
+    return _block_max(x, *win)
 
 
 def avg_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
