@@ -165,3 +165,25 @@ def test_config_differences_lists_changed_fields():
     b.model.stage_sizes = (1, 1, 1)
     diffs = train.config_differences(train._config_dict(a), train._config_dict(b))
     assert diffs == ["model.stage_sizes: [2, 2, 2] -> [1, 1, 1]", "optimizer.learning_rate: 0.1 -> 0.05"]
+
+
+RECIPES = sorted(p.stem for p in __import__("pathlib").Path(__file__).parent.parent.joinpath("configs").glob("*.py")
+                 if p.stem not in ("__init__", "default"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_and_its_smoke_variant_builds(recipe):
+    import importlib
+
+    module = importlib.import_module(f"configs.{recipe}")
+    assert {"resnet", "cnn", "mlp", "fast"} <= set(RECIPES)
+    for variant in ("", "smoke"):
+        c = module.get_config(variant)
+        train.validate_config(c, num_devices=1)
+        model = models.create_model(c.model, 10, dtype=c.dtype)
+        variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
+        assert model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False).shape == (2, 10)
+    smoke = module.get_config("smoke")
+    assert smoke.dataset.limit_train and smoke.num_epochs <= 2  # the quick-look variant really is small
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("huge")
