@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     #   convnet: conv_widths, dense_widths, kernel_size, activation, pooling, dropout_rate, batch_norm,
     #            space_to_depth
     #   resnet:  stage_sizes, stage_widths, stem_width, block (basic|preact), activation, pooling,
-    #            dropout_rate
+    #            dropout_rate, space_to_depth
     # activation: relu | leaky_relu | elu | gelu;  pooling: max | avg
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet"
@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.activation = "relu"
     c.model.pooling = "avg"  # global pooling before the classifier
     c.model.dropout_rate = 0.0
+    c.model.space_to_depth = False  # fold 2x2 pixel blocks into channels first: every stage at half resolution
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "cross_entropy"  # cross_entropy | mse | hinge | huber

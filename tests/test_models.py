@@ -55,6 +55,17 @@ def test_convnet_space_to_depth_replaces_the_first_pool():
     assert params["Dense_0"]["kernel"].shape == (7 * 7 * 64, 128)  # 28 -> 14 (fold) -> 7 (one pool)
 
 
+def test_resnet_space_to_depth_runs_every_stage_at_half_resolution():
+    model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8, space_to_depth=True)
+    variables, x = _init(model)
+    assert model.apply(variables, x).shape == (3, 10)
+    assert variables["params"]["stem"]["kernel"].shape == (3, 3, 4, 8)
+    # The stem sees 14x14 positions: its output (before BN) is [B, 14, 14, 8].
+    _, inter = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "stem",
+                           mutable=["intermediates"])
+    assert inter["intermediates"]["stem"]["__call__"][0].shape == (3, 14, 14, 8)
+
+
 def test_resnet_shape_parameter_count_and_batch_stats():
     model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8)
     variables, x = _init(model)
