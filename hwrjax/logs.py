@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from absl import logging
+
+
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without importing PyTorch.
+
+    tensorboardX probes for torch at import time (to accept torch tensors), which costs 2-4 s of
+    every launch wherever torch happens to be installed; scalars need none of it. Unless the
+    process already uses torch, the probe is answered "not installed" for the duration of the
+    import only, so a later `import torch` elsewhere works as usual.
+    """
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricLogger:
@@ -23,9 +44,7 @@ class MetricLogger:
         if not enabled:
             return
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"))
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

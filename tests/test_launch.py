@@ -107,3 +107,19 @@ def test_compilation_cache_folder_that_cannot_be_used_does_not_stop_the_run(tmp_
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "hwrjax" / "jax")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    # A stand-in torch package on the path: importing it leaves a trace in sys.modules.
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("FAKE = True\n")
+    code = ("import sys; from hwrjax import logs; W = logs.summary_writer_class(); "
+            "imported = 'torch' in sys.modules; "
+            f"w = W({str(tmp_path / 'tb')!r}); w.add_scalar('loss', 0.5, 1); w.close(); "
+            "import torch; print(imported, getattr(torch, 'FAKE', False))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), ROOT]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    # Not imported by the writer, and still importable afterwards.
+    assert out.stdout.split() == ["False", "True"]
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
