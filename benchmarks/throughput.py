@@ -25,6 +25,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import time_alternating  # noqa: E402
 from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,22 +34,6 @@ flags.DEFINE_integer("steps", 10, "Steps per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.")
 flags.DEFINE_integer("num_train", 55_000, "Size of the on-device training set for the fused step.")
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
-
-
-def _time_alternating(fns: dict, states: dict, steps: int, repeats: int) -> tuple[dict, dict]:
-    """Median seconds per step of each fn, timed in alternation (a, b, a, b, ...) so that the
-    machine's noise hits every variant alike."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            state = states[name]
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = fn(state)
-            jax.block_until_ready(metrics)
-            times[name].append((time.perf_counter() - start) / steps)
-            states[name] = state
-    return {name: float(np.median(t)) for name, t in times.items()}, states
 
 
 def measure(name: str) -> dict:
@@ -78,7 +63,7 @@ def measure(name: str) -> dict:
     for key, fn in fns.items():  # the first call of each compiles / warms up
         states[key], metrics = fn(states[key])
         jax.block_until_ready(metrics)
-    medians, states = _time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
+    medians, states = time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
     step_s, fused_s = medians["step"], medians["fused"]
     return {"config": name, "model": config.model.name, "batch_size": b, "compile_s": compile_s,
             "step_images_per_s": b / step_s, "pipeline_images_per_s": b / fused_s,

@@ -21,14 +21,31 @@ select-and-scatter does), computed elementwise from the window and its maximum.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+_REFERENCE = [False]
+
+
+@contextlib.contextmanager
+def flax_reference() -> Iterator[None]:
+    """Functions traced inside this block use flax's / XLA's own convolution gradient and pooling.
+
+    For measuring what these layers buy (benchmarks/layers_ab.py) or ruling them out when
+    debugging; parameters and values are the same either way. Only tracing inside the block is
+    affected: jit a function anew inside it.
+    """
+    _REFERENCE[0] = True
+    try:
+        yield
+    finally:
+        _REFERENCE[0] = False
 # "auto": the matrix-product kernel gradient on CPU, XLA's elsewhere; "xla" or "matmul" force one.
 KERNEL_GRADS = ("auto", "xla", "matmul")
 
@@ -105,7 +122,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32)
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if use_matmul_kernel_grad(self.kernel_grad):
+        if use_matmul_kernel_grad(self.kernel_grad) and not _REFERENCE[0]:
             y = conv_matmul_kernel_grad(x, kernel, strides)
         else:
             y = _conv(x, kernel, strides)
@@ -168,7 +185,7 @@ _block_max.defvjp(_block_max_fwd, _block_max_bwd)
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
              padding: str = "VALID") -> jax.Array:
     """flax.linen.max_pool with the same signature; non-overlapping windows take the fast path."""
-    win = _windows(x, window, strides, padding)
+    win = None if _REFERENCE[0] else _windows(x, window, strides, padding)
     if win is None:
         return nn.max_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
     return _block_max(x, *win)
@@ -177,7 +194,7 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None 
 def avg_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
              padding: str = "VALID") -> jax.Array:
     """flax.linen.avg_pool with the same signature; non-overlapping windows take the fast path."""
-    win = _windows(x, window, strides, padding)
+    win = None if _REFERENCE[0] else _windows(x, window, strides, padding)
     if win is None:
         return nn.avg_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
     return _blocks(x, *win).mean(axis=(2, 4))

@@ -66,3 +66,22 @@ def test_overlapping_or_padded_pools_fall_back_to_flax():
                                   nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME"))
     # No strides means stride 1 in flax: overlapping windows, the flax path.
     np.testing.assert_array_equal(layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2)))
+
+
+def test_flax_reference_switches_to_flax_implementations_with_equal_results():
+    from hwrjax import models
+
+    model = models.ConvNet(conv_widths=(4, 8), dense_widths=(), batch_norm=False)
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    variables = model.init(jax.random.key(1), x)
+    loss = lambda v: jnp.sum(model.apply(v, x) ** 2)
+    ours_hlo = jax.jit(jax.grad(loss)).lower(variables).as_text()
+    with layers.flax_reference():
+        ref_grads = jax.jit(jax.grad(loss))(variables)
+        ref_hlo = jax.jit(jax.grad(loss)).lower(variables).as_text()
+    assert "select_and_scatter" in ref_hlo and "select_and_scatter" not in ours_hlo
+    assert ours_hlo.count("convolution") < ref_hlo.count("convolution")  # kernel gradients as matmuls
+    for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss))(variables)), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    # Leaving the block restores the fast paths.
+    assert "select_and_scatter" not in jax.jit(jax.grad(lambda v: loss(v) * 2.0)).lower(variables).as_text()
