@@ -42,11 +42,15 @@ def measure(name: str) -> dict:
     data = np.random.default_rng(0)
     batch = {"image": jax.numpy.asarray(data.random((b, 28, 28, 1), dtype=np.float32)),
              "label": jax.numpy.asarray(data.integers(0, 10, b).astype(np.int32))}
-    step = lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn)
+    # A new function object per variant: JAX reuses the trace of a function it has seen.
+    new_step = lambda: (lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn))
     state = train.create_train_state(model, tx, keys.init)
-    compiled = {"hwrjax": jax.jit(step).lower(state, batch, keys.dropout).compile()}
+    compiled = {"hwrjax": jax.jit(new_step()).lower(state, batch, keys.dropout).compile()}
     with layers.flax_reference():
-        compiled["flax"] = jax.jit(step).lower(state, batch, keys.dropout).compile()
+        compiled["flax"] = jax.jit(new_step()).lower(state, batch, keys.dropout).compile()
+    texts = {key: c.as_text() for key, c in compiled.items()}
+    if texts["hwrjax"] == texts["flax"]:
+        sys.exit("layers_ab: both variants compiled to the same program; nothing to compare")
     states, first_loss = {}, {}
     for key, fn in compiled.items():
         states[key], metrics = fn(train.create_train_state(model, tx, keys.init), batch, keys.dropout)

@@ -39,7 +39,8 @@ def flax_reference() -> Iterator[None]:
 
     For measuring what these layers buy (benchmarks/layers_ab.py) or ruling them out when
     debugging; parameters and values are the same either way. Only tracing inside the block is
-    affected: jit a function anew inside it.
+    affected, and JAX reuses the trace of a function object it has already seen: jit a new
+    function (e.g. a fresh lambda) inside the block.
     """
     _REFERENCE[0] = True
     try:
