@@ -1,4 +1,5 @@
-"""The fastest recipe to 99.5% test accuracy on a small CPU: a batch-normalised convnet, 3 epochs.
+"""The speed recipe: a batch-normalised convnet trained for 3 epochs (~3.6 min launch to report on
+2 CPU cores, 99.38% test accuracy, mean of seeds 0-2; the issue's aim is 99.5% in 3 minutes).
 
   python launch.py --config=configs/fast.py --workdir=runs/fast
   python benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=0,1,2 --target=0.995
