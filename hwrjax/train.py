@@ -272,12 +272,19 @@ def check_workdir(workdir: str) -> None:
         raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror}); pass a --workdir you can write to")
 
 
+# Config fields added after runs were made, with the value that behaves as runs without the field
+# did: a saved config lacking one of them is the same run as a current config holding that value.
+ADDED_FIELDS = {"model.space_to_depth": False}
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Lists 'field: saved -> current' for every field that differs between two config dicts."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         name = f"{prefix}{key}"
+        if a == "<absent>" and name in ADDED_FIELDS and b == ADDED_FIELDS[name]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(config_differences(a, b, name + "."))
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):

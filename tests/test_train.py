@@ -187,3 +187,12 @@ def test_every_recipe_and_its_smoke_variant_builds(recipe):
     assert smoke.dataset.limit_train and smoke.num_epochs <= 2  # the quick-look variant really is small
     with pytest.raises(ValueError, match="unknown variant"):
         module.get_config("huge")
+
+
+def test_runs_saved_before_a_field_was_added_still_resume():
+    current = train._config_dict(resnet_config.get_config())
+    saved = train._config_dict(resnet_config.get_config())
+    del saved["model"]["space_to_depth"]  # a config.json written before the option existed
+    assert train.config_differences(saved, current) == []
+    current["model"]["space_to_depth"] = True  # turning it on is a real change
+    assert train.config_differences(saved, current) == ["model.space_to_depth: '<absent>' -> True"]
