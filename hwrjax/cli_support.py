@@ -19,8 +19,13 @@ def default_cache_dir() -> str:
     cache), else a per-user cache folder."""
     if CACHE_ENV in os.environ:
         return os.environ[CACHE_ENV]
+    return user_cache_dir("jax")
+
+
+def user_cache_dir(name: str) -> str:
+    """hwrjax's folder `name` in the per-user cache ($XDG_CACHE_HOME, else ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "hwrjax", "jax")
+    return os.path.join(base, "hwrjax", name)
 
 
 def enable_compilation_cache(path: str | None) -> str | None:

@@ -137,10 +137,11 @@ DATA_CACHE_ENV = "HWRJAX_DATA_CACHE_DIR"
 
 def default_data_cache_dir() -> str:
     """$HWRJAX_DATA_CACHE_DIR (set but empty: no disk cache), else a per-user cache folder."""
+    from hwrjax.cli_support import user_cache_dir
+
     if DATA_CACHE_ENV in os.environ:
         return os.environ[DATA_CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "hwrjax", "datasets")
+    return user_cache_dir("datasets")
 
 
 def _disk_cache_path(builder: Any, split: str) -> str | None:

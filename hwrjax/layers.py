@@ -142,7 +142,7 @@ def _windows(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None,
     return window
 
 
-def _blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
+def blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
     """[B, H, W, C] -> [B, H//wh, wh, W//ww, ww, C], dropping the remainder rows/columns as VALID does."""
     b, h, w, c = x.shape
     ho, wo = h // wh, w // ww
@@ -151,7 +151,7 @@ def _blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _block_max(x: jax.Array, wh: int, ww: int) -> jax.Array:
-    return _blocks(x, wh, ww).max(axis=(2, 4))
+    return blocks(x, wh, ww).max(axis=(2, 4))
 
 
 def _block_max_fwd(x, wh, ww):
@@ -161,7 +161,7 @@ def _block_max_fwd(x, wh, ww):
 
 def _block_max_bwd(wh, ww, residuals, dy):
     x, y = residuals
-    xb = _blocks(x, wh, ww)
+    xb = blocks(x, wh, ww)
     # The gradient goes to the first maximum of each window in row-major order, as with
     # select-and-scatter; everything is elementwise, so XLA fuses it into one loop.
     taken = jnp.zeros(y.shape, bool)
@@ -198,4 +198,4 @@ def avg_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None 
     win = None if _REFERENCE[0] else _windows(x, window, strides, padding)
     if win is None:
         return nn.avg_pool(x, tuple(window), strides=None if strides is None else tuple(strides), padding=padding)
-    return _blocks(x, *win).mean(axis=(2, 4))
+    return blocks(x, *win).mean(axis=(2, 4))

@@ -61,10 +61,9 @@ class MLP(nn.Module):
 def space_to_depth(x: jnp.ndarray, block: int) -> jnp.ndarray:
     """[B, H, W, C] -> [B, H/b, W/b, b*b*C]: each b x b block of pixels becomes one position's channels
     (a remainder row or column is dropped, as a VALID pooling would)."""
-    b, h, w, c = x.shape
-    ho, wo = h // block, w // block
-    x = x[:, :ho * block, :wo * block].reshape(b, ho, block, wo, block, c)
-    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, block * block * c)
+    blocks = layers.blocks(x, block, block)  # [B, H/b, b, W/b, b, C]
+    b, ho, _, wo, _, c = blocks.shape
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, block * block * c)
 
 
 class ConvNet(nn.Module):
