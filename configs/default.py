@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Model, chosen by name; the other fields are passed to its constructor.
     #   mlp:     hidden_sizes, activation, dropout_rate
     #   convnet: conv_widths, dense_widths, kernel_size, activation, pooling, dropout_rate, batch_norm,
-    #            space_to_depth
+    #            space_to_depth, pool_before_norm (Conv-Pool-BN-Act instead of Conv-BN-Act-Pool)
     #   resnet:  stage_sizes, stage_widths, stem_width, block (basic|preact), activation, pooling,
     #            dropout_rate, space_to_depth
     # activation: relu | leaky_relu | elu | gelu;  pooling: max | avg

@@ -17,7 +17,7 @@ def get_config(arg: str = ""):
     c = default.get_config()
     c.model = ml_collections.ConfigDict(dict(
         name="convnet", conv_widths=(32, 64), dense_widths=(128,), kernel_size=3, activation="relu",
-        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=False))
+        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=False, pool_before_norm=False))
     c.optimizer.learning_rate = 0.1
     c.schedule.name = "onecycle"
     c.schedule.onecycle_pct_start = 0.25

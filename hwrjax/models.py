@@ -80,6 +80,10 @@ class ConvNet(nn.Module):
     # Fold each 2x2 block of pixels into 4 channels before the first conv (28x28x1 -> 14x14x4), in
     # place of the first pooling: the first conv then runs on a quarter of the positions.
     space_to_depth: bool = False
+    # Conv-Pool-BN-Act instead of Conv-BN-Act-Pool: normalisation and activation (and their
+    # gradients) run on a quarter of the positions. With max pooling and a monotone activation the
+    # two orders differ only in where BatchNorm takes its statistics.
+    pool_before_norm: bool = False
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # pmap axis over which BatchNorm averages statistics
 
@@ -94,10 +98,15 @@ class ConvNet(nn.Module):
         k = (self.kernel_size, self.kernel_size)
         for i, width in enumerate(self.conv_widths):
             x = layers.Conv(width, k, padding="SAME", use_bias=not self.batch_norm, dtype=self.dtype)(x)
+            pooled = not (i == 0 and self.space_to_depth)
+            if pooled and self.pool_before_norm:
+                x = pool(x, (2, 2), strides=(2, 2))
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                                  axis_name=self.bn_axis_name)(x)
-            x = act(x) if (i == 0 and self.space_to_depth) else pool(act(x), (2, 2), strides=(2, 2))
+            x = act(x)
+            if pooled and not self.pool_before_norm:
+                x = pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for width in self.dense_widths:
             x = act(nn.Dense(width, dtype=self.dtype)(x))

@@ -55,6 +55,31 @@ def test_convnet_space_to_depth_replaces_the_first_pool():
     assert params["Dense_0"]["kernel"].shape == (7 * 7 * 64, 128)  # 28 -> 14 (fold) -> 7 (one pool)
 
 
+def test_convnet_pool_before_norm_without_norm_is_the_same_function():
+    # Max pooling commutes with a per-channel bias and a monotone activation: without BatchNorm the
+    # two orders compute the same outputs from the same parameters.
+    x = jax.random.normal(jax.random.key(3), (4, 28, 28, 1))
+    a = models.ConvNet(conv_widths=(8, 16), dense_widths=(32,))
+    b = models.ConvNet(conv_widths=(8, 16), dense_widths=(32,), pool_before_norm=True)
+    variables = a.init(jax.random.key(0), x)
+    assert jnp.allclose(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
+
+
+def test_convnet_pool_before_norm_takes_batch_statistics_of_pooled_maps():
+    x = jax.random.normal(jax.random.key(4), (4, 28, 28, 1))
+    model = models.ConvNet(conv_widths=(8, 16), dense_widths=(32,), batch_norm=True, pool_before_norm=True)
+    variables = model.init(jax.random.key(0), x)
+    (_, updated) = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    conv = jax.lax.conv_general_dilated(x, variables["params"]["Conv_0"]["kernel"], (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    pooled = conv.reshape(4, 14, 2, 14, 2, 8).max(axis=(2, 4))
+    # Running mean starts at 0 and moves by (1 - momentum) = 0.1 towards the batch mean.
+    expected = 0.1 * pooled.mean(axis=(0, 1, 2))
+    assert jnp.allclose(updated["batch_stats"]["BatchNorm_0"]["mean"], expected, atol=1e-5)
+    full = 0.1 * conv.mean(axis=(0, 1, 2))  # what the usual order would record
+    assert not jnp.allclose(expected, full, atol=1e-3)
+
+
 def test_resnet_space_to_depth_runs_every_stage_at_half_resolution():
     model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8, space_to_depth=True)
     variables, x = _init(model)
