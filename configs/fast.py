@@ -1,11 +1,12 @@
-"""The speed recipe: a batch-normalised convnet trained for 3 epochs (~3.6 min launch to report on
-2 CPU cores, 99.38% test accuracy, mean of seeds 0-2; the issue's aim is 99.5% in 3 minutes).
+"""The speed recipe: the shortest wall time to >= 99.5% test accuracy found on 2 CPU cores.
 
   python launch.py --config=configs/fast.py --workdir=runs/fast
   python benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=0,1,2 --target=0.995
 
-Conv32-BN-ReLU-MaxPool, Conv64-BN-ReLU-MaxPool, Dense128, Dense10 (421,738 parameters), SGD with
-Nesterov momentum under a one-cycle schedule, light affine augmentation.
+Space-to-depth (28x28x1 -> 14x14x4), Conv24-BN-ReLU, Conv48-BN-ReLU-MaxPool, Conv96-BN-ReLU-MaxPool,
+Dense256, Dense10 (277,050 parameters), SGD with Nesterov momentum under a one-cycle schedule,
+label smoothing, light affine augmentation, 6 epochs. Measured figures are in the README's recipe
+table; the issue's aim of 99.5% within 3 minutes is not reached (~3.2-4 min here).
 """
 
 import ml_collections
@@ -16,8 +17,8 @@ from configs import default
 def get_config(arg: str = ""):
     c = default.get_config()
     c.model = ml_collections.ConfigDict(dict(
-        name="convnet", conv_widths=(32, 64), dense_widths=(128,), kernel_size=3, activation="relu",
-        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=False, pool_before_norm=False))
+        name="convnet", conv_widths=(24, 48, 96), dense_widths=(256,), kernel_size=3, activation="relu",
+        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=True, pool_before_norm=False))
     c.optimizer.learning_rate = 0.1
     c.schedule.name = "onecycle"
     c.schedule.onecycle_pct_start = 0.25
@@ -26,7 +27,7 @@ def get_config(arg: str = ""):
     c.augment.scale = 0.08
     c.augment.translate_px = 2.0
     c.augment.shear_deg = 0.0
-    c.num_epochs = 3
+    c.num_epochs = 6
     c.checkpoint.every_steps = 0
     if arg == "smoke":
         default.smoke(c)
