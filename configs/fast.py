@@ -6,7 +6,7 @@
 Space-to-depth (28x28x1 -> 14x14x4), Conv24-BN-ReLU, Conv48-BN-ReLU-MaxPool, Conv96-BN-ReLU-MaxPool,
 Dense256, Dense10 (277,050 parameters), SGD with Nesterov momentum under a one-cycle schedule,
 label smoothing, light affine augmentation, 6 epochs. Measured figures are in the README's recipe
-table; the issue's aim of 99.5% within 3 minutes is not reached (~3.2-4 min here).
+table; the issue's aim of 99.5% within 3 minutes is not reached (~3.2 min here).
 """
 
 import ml_collections
