@@ -24,9 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Model, chosen by name; the other fields are passed to its constructor.
     #   mlp:     hidden_sizes, activation, dropout_rate
     #   convnet: conv_widths, dense_widths, kernel_size, activation, pooling, dropout_rate, batch_norm,
-    #            space_to_depth, pool_before_norm (Conv-Pool-BN-Act instead of Conv-BN-Act-Pool)
+    #            space_to_depth, pool_before_norm (Conv-Pool-BN-Act instead of Conv-BN-Act-Pool), crop_border
     #   resnet:  stage_sizes, stage_widths, stem_width, block (basic|preact), activation, pooling,
-    #            dropout_rate, space_to_depth
+    #            dropout_rate, space_to_depth, crop_border
     # activation: relu | leaky_relu | elu | gelu;  pooling: max | avg
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet"
@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.pooling = "avg"  # global pooling before the classifier
     c.model.dropout_rate = 0.0
     c.model.space_to_depth = False  # fold 2x2 pixel blocks into channels first: every stage at half resolution
+    c.model.crop_border = 0  # pixels cut from each image edge before the first layer (convnet, resnet)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "cross_entropy"  # cross_entropy | mse | hinge | huber

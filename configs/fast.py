@@ -3,10 +3,11 @@
   python launch.py --config=configs/fast.py --workdir=runs/fast
   python benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=0,1,2 --target=0.995
 
-Space-to-depth (28x28x1 -> 14x14x4), Conv24-BN-ReLU, Conv48-BN-ReLU-MaxPool, Conv96-BN-ReLU-MaxPool,
-Dense256, Dense10 (277,050 parameters), SGD with Nesterov momentum under a one-cycle schedule,
-label smoothing, light affine augmentation, 6 epochs. Measured figures are in the README's recipe
-table; the issue's aim of 99.5% within 3 minutes is not reached (~3.2 min here).
+Centre crop (28x28 -> 24x24: the outer 2-pixel ring holds 0.24% of MNIST's ink), space-to-depth
+(24x24x1 -> 12x12x4), Conv16-BN-ReLU, Conv32-BN-ReLU-MaxPool, Conv64-BN-ReLU-MaxPool, Dense256,
+Dense10 (174,122 parameters), SGD with Nesterov momentum under a one-cycle schedule, label smoothing,
+light affine augmentation, 10 epochs. Measured here: 99.54% mean test accuracy over 3 seeds (each
+>= 99.52%) in ~1.8 min launch to report; the figures and command are in the README's recipe table.
 """
 
 import ml_collections
@@ -17,8 +18,8 @@ from configs import default
 def get_config(arg: str = ""):
     c = default.get_config()
     c.model = ml_collections.ConfigDict(dict(
-        name="convnet", conv_widths=(24, 48, 96), dense_widths=(256,), kernel_size=3, activation="relu",
-        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=True, pool_before_norm=False))
+        name="convnet", conv_widths=(16, 32, 64), dense_widths=(256,), kernel_size=3, activation="relu",
+        pooling="max", dropout_rate=0.0, batch_norm=True, space_to_depth=True, pool_before_norm=False, crop_border=2))
     c.optimizer.learning_rate = 0.1
     c.schedule.name = "onecycle"
     c.schedule.onecycle_pct_start = 0.25
@@ -27,7 +28,7 @@ def get_config(arg: str = ""):
     c.augment.scale = 0.08
     c.augment.translate_px = 2.0
     c.augment.shear_deg = 0.0
-    c.num_epochs = 6
+    c.num_epochs = 10
     c.checkpoint.every_steps = 0
     if arg == "smoke":
         default.smoke(c)

@@ -66,6 +66,14 @@ def space_to_depth(x: jnp.ndarray, block: int) -> jnp.ndarray:
     return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, block * block * c)
 
 
+def crop_border(x: jnp.ndarray, border: int) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, H - 2*border, W - 2*border, C]: the centre, without `border` pixels on each side."""
+    if border < 0 or 2 * border >= min(x.shape[1], x.shape[2]):
+        raise ConfigError(f"config.model.crop_border={border} does not fit {x.shape[1]}x{x.shape[2]} images; "
+                          f"use 0 to {(min(x.shape[1], x.shape[2]) - 1) // 2}")
+    return x[:, border:x.shape[1] - border, border:x.shape[2] - border, :] if border else x
+
+
 class ConvNet(nn.Module):
     """Conv-pool stages, then dense layers (Conv32-Pool-Conv64-Pool-Dense64-Dense10 by default)."""
 
@@ -84,6 +92,9 @@ class ConvNet(nn.Module):
     # gradients) run on a quarter of the positions. With max pooling and a monotone activation the
     # two orders differ only in where BatchNorm takes its statistics.
     pool_before_norm: bool = False
+    # Pixels cut from each edge before the first layer. MNIST centres each digit in a 20x20 box on the
+    # 28x28 canvas: the outer 2-pixel ring holds 0.24% of the ink, and cutting it leaves 0.73x the positions.
+    crop_border: int = 0
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # pmap axis over which BatchNorm averages statistics
 
@@ -92,7 +103,7 @@ class ConvNet(nn.Module):
         act = get_activation(self.activation)
         _check_pool(self.pooling)
         pool = POOLS[self.pooling]
-        x = x.astype(self.dtype)
+        x = crop_border(x.astype(self.dtype), self.crop_border)
         if self.space_to_depth:
             x = space_to_depth(x, 2)
         k = (self.kernel_size, self.kernel_size)
@@ -171,6 +182,7 @@ class ResNet(nn.Module):
     # Fold 2x2 pixel blocks into channels before the stem (28x28x1 -> 14x14x4): every stage then
     # runs at half the resolution, on a quarter of the positions.
     space_to_depth: bool = False
+    crop_border: int = 0  # pixels cut from each edge first, as in ConvNet
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # pmap axis over which BatchNorm averages statistics
 
@@ -187,7 +199,7 @@ class ResNet(nn.Module):
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                                  epsilon=1e-5, dtype=self.dtype, axis_name=self.bn_axis_name)
         block_cls = BLOCKS[self.block]
-        x = x.astype(self.dtype)
+        x = crop_border(x.astype(self.dtype), self.crop_border)
         if self.space_to_depth:
             x = space_to_depth(x, 2)
         x = conv(self.stem_width, (3, 3), name="stem")(x)
@@ -238,6 +250,8 @@ def create_model(model_config: Any, num_classes: int, dtype: str = "float32",
             raise ConfigError(f"config.model.dropout_rate must be in [0, 1), got {value}")
         elif key in ("stem_width", "kernel_size") and value <= 0:
             raise ConfigError(f"config.model.{key} must be positive, got {value}")
+        elif key == "crop_border" and (not isinstance(value, int) or value < 0):
+            raise ConfigError(f"config.model.crop_border must be a whole number of pixels >= 0, got {value!r}")
     if "bn_axis_name" in cls.__dataclass_fields__:
         fields["bn_axis_name"] = bn_axis_name
     model = cls(num_classes=num_classes, dtype=_DTYPES[dtype], **fields)

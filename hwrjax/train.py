@@ -274,7 +274,7 @@ def check_workdir(workdir: str) -> None:
 
 # Config fields added after runs were made, with the value that behaves as runs without the field
 # did: a saved config lacking one of them is the same run as a current config holding that value.
-ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False}
+ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False, "model.crop_border": 0}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

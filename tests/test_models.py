@@ -91,6 +91,38 @@ def test_resnet_space_to_depth_runs_every_stage_at_half_resolution():
     assert inter["intermediates"]["stem"]["__call__"][0].shape == (3, 14, 14, 8)
 
 
+def test_crop_border_keeps_the_centre():
+    x = jnp.arange(2 * 28 * 28, dtype=jnp.float32).reshape(2, 28, 28, 1)
+    y = models.crop_border(x, 2)
+    assert y.shape == (2, 24, 24, 1)
+    assert y[1, 0, 0, 0] == x[1, 2, 2, 0] and y[1, -1, -1, 0] == x[1, 25, 25, 0]
+    assert models.crop_border(x, 0) is x
+    with pytest.raises(ConfigError, match="crop_border=14 does not fit 28x28 images; use 0 to 13"):
+        models.crop_border(x, 14)
+
+
+@pytest.mark.parametrize("model", [
+    models.ConvNet(conv_widths=(8, 16), dense_widths=(16,), batch_norm=True, space_to_depth=True, crop_border=2),
+    models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8, crop_border=2),
+], ids=["convnet", "resnet"])
+def test_crop_border_makes_the_model_blind_to_the_outer_ring(model):
+    variables, _ = _init(model)
+    x = jax.random.uniform(jax.random.key(3), (2, 28, 28, 1))
+    ring = jnp.ones((28, 28), bool).at[2:26, 2:26].set(False)[None, :, :, None]
+    outer_changed = jnp.where(ring, 1.0 - x, x)
+    inner_changed = x.at[:, 2, 2, :].set(1.0 - x[:, 2, 2, :])  # the corner pixel just inside the crop
+    logits = model.apply(variables, x)
+    assert jnp.array_equal(model.apply(variables, outer_changed), logits)
+    assert not jnp.allclose(model.apply(variables, inner_changed), logits)
+
+
+def test_crop_border_shrinks_the_convnet_feature_maps():
+    model = models.ConvNet(conv_widths=(8, 16), dense_widths=(16,), batch_norm=True, space_to_depth=True, crop_border=2)
+    variables, _ = _init(model)
+    # 28 -> 24 (crop) -> 12 (fold) -> 6 (pool): the dense layer sees 6x6x16 instead of 7x7x16.
+    assert variables["params"]["Dense_0"]["kernel"].shape == (6 * 6 * 16, 16)
+
+
 def test_resnet_shape_parameter_count_and_batch_stats():
     model = models.ResNet(stage_sizes=(1, 1), stage_widths=(8, 16), stem_width=8)
     variables, x = _init(model)
@@ -151,3 +183,5 @@ def test_create_model_by_name_and_errors():
         models.create_model(ml_collections.ConfigDict(dict(name="mlp", hidden_sizes=(0,))), 10)
     with pytest.raises(ConfigError, match="unknown block"):
         models.create_model(ml_collections.ConfigDict(dict(name="resnet", block="bottle")), 10)
+    with pytest.raises(ConfigError, match="crop_border must be a whole number of pixels >= 0, got -1"):
+        models.create_model(ml_collections.ConfigDict(dict(name="convnet", crop_border=-1)), 10)

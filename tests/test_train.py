@@ -1,6 +1,8 @@
 """Train/eval steps as a library, full-split evaluation, reproducibility and config checks."""
 
 import hashlib
+import importlib
+import json
 
 import flax.linen as nn
 import jax
@@ -173,8 +175,6 @@ RECIPES = sorted(p.stem for p in __import__("pathlib").Path(__file__).parent.par
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_and_its_smoke_variant_builds(recipe):
-    import importlib
-
     module = importlib.import_module(f"configs.{recipe}")
     assert {"resnet", "cnn", "mlp", "fast"} <= set(RECIPES)
     for variant in ("", "smoke"):
@@ -196,3 +196,12 @@ def test_runs_saved_before_a_field_was_added_still_resume():
     assert train.config_differences(saved, current) == []
     current["model"]["space_to_depth"] = True  # turning it on is a real change
     assert train.config_differences(saved, current) == ["model.space_to_depth: '<absent>' -> True"]
+    # The same for every later field, in the configs that carry it (the speed recipe has them all).
+    fast = train._config_dict(importlib.import_module("configs.fast").get_config())
+    for field, old_value in train.ADDED_FIELDS.items():
+        section, name = field.split(".")
+        saved = json.loads(json.dumps(fast))
+        del saved[section][name]
+        current = json.loads(json.dumps(fast))
+        current[section][name] = old_value
+        assert train.config_differences(saved, current) == [], field
