@@ -31,8 +31,9 @@ def test_smoke_run_writes_every_promised_file(tmp_path, require_mnist):
     cache = tmp_path / "cache"
     proc = _launch(workdir, "--config.seed=3", f"--compilation_cache_dir={cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The compiled train step was kept for the next run of this recipe.
-    assert any(name.startswith("jit_fused") for name in os.listdir(cache)), os.listdir(cache)
+    # The compiled train step and batch program were kept for the next run of this recipe.
+    for program in ("jit_step_fn", "jit_batch_of"):
+        assert any(name.startswith(program) for name in os.listdir(cache)), (program, os.listdir(cache))
     assert "test accuracy" in proc.stdout
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["seed"] == 3 and config["model"]["name"] == "mlp"

@@ -14,7 +14,7 @@ import pytest
 import hwrjax
 from configs import mlp as mlp_config
 from configs import resnet as resnet_config
-from hwrjax import checkpoint, data, losses, models, parallel, train
+from hwrjax import augment, checkpoint, data, losses, models, parallel, rng, train
 from hwrjax.errors import ConfigError
 
 
@@ -205,3 +205,34 @@ def test_runs_saved_before_a_field_was_added_still_resume():
         current = json.loads(json.dumps(fast))
         current[section][name] = old_value
         assert train.config_differences(saved, current) == [], field
+
+
+def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
+    n, b = 44, 8  # 5 steps per epoch, 4 examples left over each epoch
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8))
+    labels = jnp.arange(n, dtype=jnp.int32)
+    keys = rng.RunKeys.from_seed(3)
+    mesh = parallel.make_mesh()
+    plain = train.make_batch_fn(augment.AugmentParams(), keys, n, b, mesh)
+    pipeline = train.InputPipeline(plain, images, labels, keys.order, n, 5, total_steps=12)
+    for step in range(12):
+        got = pipeline.batch(step)
+        # Without augmentation the batch is the step's slice of its epoch's permutation.
+        order = np.asarray(train.epoch_order(keys.order, step // 5, n))
+        idx = order[(step % 5) * b:(step % 5 + 1) * b]
+        np.testing.assert_array_equal(np.asarray(got["label"]), idx)
+        np.testing.assert_allclose(np.asarray(got["image"]), np.asarray(images)[idx] / 255.0, rtol=1e-6)
+        ahead = pipeline.pending()
+        assert (ahead is None) == (step == 11)  # nothing is prepared past the last step
+    # With augmentation: the batch prepared ahead is bit for bit the one made on demand, so a
+    # pipeline started mid-run (a resume) hands out the same batches as the uninterrupted one.
+    aug = augment.AugmentParams(rotation_deg=10.0, scale=0.1, translate_px=2.0)
+    batch_fn = train.make_batch_fn(aug, keys, n, b, mesh)
+    whole = train.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
+    ahead_batches = [whole.batch(step) for step in range(12)]
+    resumed = train.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
+    for step in (4, 5, 6):  # across the epoch boundary
+        direct = batch_fn(images, labels, train.epoch_order(keys.order, step // 5, n), np.int32(step))
+        for got in (ahead_batches[step], resumed.batch(step)):
+            np.testing.assert_array_equal(np.asarray(got["image"]), np.asarray(direct["image"]))
+    assert not np.array_equal(np.asarray(ahead_batches[4]["image"]), np.asarray(ahead_batches[5]["image"]))
