@@ -62,7 +62,20 @@ def _torch_resnet(torch, model_config, num_classes: int = 10):
             y = self.bn2(self.conv2(y))
             return torch.relu(y + self.shortcut(x))
 
-    layers = [nn.Conv2d(1, model_config.stem_width, 3, 1, 1, bias=False),
+    if model_config.get("space_to_depth", False):
+        raise SystemExit("vs_pytorch: space_to_depth has no PyTorch twin here; measure a recipe without it")
+
+    class CropBorder(nn.Module):  # hwrjax.models.crop_border on NCHW
+        def __init__(self, border: int):
+            super().__init__()
+            self.border = border
+
+        def forward(self, x):
+            b = self.border
+            return x[:, :, b:x.shape[2] - b, b:x.shape[3] - b]
+
+    layers = [CropBorder(model_config.get("crop_border", 0)),
+              nn.Conv2d(1, model_config.stem_width, 3, 1, 1, bias=False),
               nn.BatchNorm2d(model_config.stem_width), nn.ReLU()]
     cin = model_config.stem_width
     for i, (size, width) in enumerate(zip(model_config.stage_sizes, model_config.stage_widths)):
