@@ -554,8 +554,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     report_state = state
     if val_set is not None and meta["best_step"] >= 0 and meta["best_step"] != step:
         variables, _ = checkpoint_lib.load_variables(workdir, "best")
-        report_state = state.replace(params=jax.device_put(variables["params"], replicated),
-                                     batch_stats=jax.device_put(variables["batch_stats"], replicated))
+        # Every process loaded the same checkpoint: place it on all devices of the run, including
+        # those of other processes (a plain device_put cannot reach them).
+        to_run = lambda tree: jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), replicated), tree)
+        report_state = state.replace(params=to_run(variables["params"]), batch_stats=to_run(variables["batch_stats"]))
     test = evaluate(report_state, test_set)
     wall = meta["wall_time_s"] + (0.0 if finished else time.time() - session_start)
     test.update(step=step, checkpoint_step=int(meta["best_step"]) if report_state is not state else step,
