@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "cnn", "mlp"], "Recipes under configs/ to measure.")
 flags.DEFINE_integer("steps", 10, "Steps per timed run.")
 flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.")
-flags.DEFINE_integer("num_train", 55_000, "Size of the on-device training set for the fused step.")
+flags.DEFINE_integer("num_train", 55_000, "Size of the on-device training set the input pipeline draws from.")
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
 
 
@@ -73,18 +73,18 @@ def measure(name: str) -> dict:
             jax.block_until_ready(pipeline.pending())
         return s, metrics
 
-    fns = {"step": lambda s: compiled(s, batch, keys.dropout), "fused": pipelined}
-    states = {"step": state, "fused": train.create_train_state(model, tx, keys.init)}
+    fns = {"step": lambda s: compiled(s, batch, keys.dropout), "train": pipelined}
+    states = {"step": state, "train": train.create_train_state(model, tx, keys.init)}
     for key, fn in fns.items():  # the first calls of each compile / warm up
-        for _ in range(FLAGS.steps if key == "fused" else 1):
+        for _ in range(FLAGS.steps if key == "train" else 1):
             states[key], metrics = fn(states[key])
         jax.block_until_ready(metrics)
     medians, states = time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
-    step_s, fused_s = medians["step"], medians["fused"]
+    step_s, train_s = medians["step"], medians["train"]
     return {"config": name, "model": config.model.name, "batch_size": b, "compile_s": compile_s,
-            "step_images_per_s": b / step_s, "pipeline_images_per_s": b / fused_s,
-            "input_pipeline_share": max(0.0, (fused_s - step_s) / fused_s),
-            "params": int(sum(x.size for x in jax.tree.leaves(states["fused"].params)))}
+            "step_images_per_s": b / step_s, "pipeline_images_per_s": b / train_s,
+            "input_pipeline_share": max(0.0, (train_s - step_s) / train_s),
+            "params": int(sum(x.size for x in jax.tree.leaves(states["train"].params)))}
 
 
 def main(argv):
