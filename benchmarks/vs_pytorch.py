@@ -62,9 +62,6 @@ def _torch_resnet(torch, model_config, num_classes: int = 10):
             y = self.bn2(self.conv2(y))
             return torch.relu(y + self.shortcut(x))
 
-    if model_config.get("space_to_depth", False):
-        raise SystemExit("vs_pytorch: space_to_depth has no PyTorch twin here; measure a recipe without it")
-
     class CropBorder(nn.Module):  # hwrjax.models.crop_border on NCHW
         def __init__(self, border: int):
             super().__init__()
@@ -74,8 +71,11 @@ def _torch_resnet(torch, model_config, num_classes: int = 10):
             b = self.border
             return x[:, :, b:x.shape[2] - b, b:x.shape[3] - b]
 
-    layers = [CropBorder(model_config.get("crop_border", 0)),
-              nn.Conv2d(1, model_config.stem_width, 3, 1, 1, bias=False),
+    # hwrjax.models.space_to_depth puts pixel (i, j) of each 2x2 block in channel 2*i + j (one input
+    # channel), which is the order of torch's PixelUnshuffle.
+    s2d = bool(model_config.get("space_to_depth", False))
+    layers = [CropBorder(model_config.get("crop_border", 0))] + ([nn.PixelUnshuffle(2)] if s2d else []) + [
+              nn.Conv2d(4 if s2d else 1, model_config.stem_width, 3, 1, 1, bias=False),
               nn.BatchNorm2d(model_config.stem_width), nn.ReLU()]
     cin = model_config.stem_width
     for i, (size, width) in enumerate(zip(model_config.stage_sizes, model_config.stage_widths)):

@@ -17,6 +17,9 @@ from configs import resnet  # noqa: E402
 from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa: E402
 
 
+EARLY_STEPS = 3  # BN statistics are also recorded after this many steps, before rounding drift compounds
+
+
 def main(mode: str, steps: int) -> None:
     c = resnet.get_config("smoke")
     num_train, batch = 512, 32
@@ -32,7 +35,7 @@ def main(mode: str, steps: int) -> None:
     state = train.create_train_state(model, tx, keys.init)
     aug = augment.AugmentParams.from_config(c.augment)
     order = train.epoch_order(keys.order, 0, num_train)
-    losses_out = []
+    losses_out, early = [], None
     if mode == "pmap":
         devices = jax.local_devices()
         step = train.make_fused_pmap_step(losses.cross_entropy, aug, keys, num_train, batch)
@@ -41,6 +44,8 @@ def main(mode: str, steps: int) -> None:
         for _ in range(steps):
             state, m = step(state, *args)
             losses_out.append(float(m["loss"][0]))
+            if len(losses_out) == EARLY_STEPS:
+                early = jax.tree.map(lambda x: np.asarray(x[0]), state.batch_stats)
         stats = jax.tree.map(lambda x: np.asarray(x[0]), state.batch_stats)
         spread = max(float(np.max(np.abs(np.asarray(x) - np.asarray(x)[0:1]))) for x in jax.tree.leaves(state.batch_stats))
     else:
@@ -52,11 +57,14 @@ def main(mode: str, steps: int) -> None:
         for _ in range(steps):
             state, m = step(state, *args)
             losses_out.append(float(m["loss"]))
+            if len(losses_out) == EARLY_STEPS:
+                early = jax.tree.map(np.asarray, state.batch_stats)
         stats = jax.tree.map(np.asarray, state.batch_stats)
         spread = 0.0
-    flat = {"/".join(str(k.key) for k in path): v.tolist() for path, v in jax.tree_util.tree_flatten_with_path(stats)[0]}
-    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "batch_stats": flat,
-                      "device_spread": spread}))
+    flat = lambda tree: {"/".join(str(k.key) for k in path): v.tolist()
+                         for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "batch_stats": flat(stats),
+                      "early_batch_stats": flat(early), "device_spread": spread}))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ import pytest
 from hwrjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Without space-to-depth this smoke run's best validation checkpoint is an earlier step than its last,
+# so the final report must place a checkpoint other than the live state (asserted below).
 OVERRIDES = ["--config.num_epochs=2", "--config.dataset.limit_train=1024", "--config.dataset.test_split=test[:256]",
-             "--config.checkpoint.every_steps=8", "--config.report_plots=False"]
+             "--config.checkpoint.every_steps=8", "--config.report_plots=False", "--config.model.space_to_depth=False"]
 
 
 def _free_port() -> int:
@@ -61,6 +63,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     _finish([_launch(one, env)])
     outs = _finish(procs)
     assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
+    ckpt_steps = sorted(int(s) for s in os.listdir(os.path.join(two, "checkpoints")) if s.isdigit())
+    assert os.listdir(os.path.join(two, "best")) == ["16"] and ckpt_steps[-1] == 32  # the report used step 16
     _, two_leaves = _digest(two)
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):

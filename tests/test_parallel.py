@@ -47,15 +47,22 @@ def test_eight_devices_follow_the_one_device_loss_curve(runs, mode):
     eight = np.array(runs[(mode, 8)]["losses"])
     assert len(one) == len(eight) == STEPS
     assert one[-1] < one[0]  # it learns
-    np.testing.assert_allclose(eight, one, rtol=2e-4, atol=2e-5)
+    # The first steps agree to float32 rounding; a real difference (per-device BN statistics, a wrong
+    # gradient mean, misplaced augmentation) shows there at once. Later steps drift apart by a few 1e-4
+    # as summation-order differences compound through 20 updates.
+    np.testing.assert_allclose(eight[:5], one[:5], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(eight, one, rtol=5e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
 def test_batchnorm_statistics_are_those_of_the_global_batch(runs, mode):
-    one = runs[("jit", 1)]["batch_stats"]
-    eight = runs[(mode, 8)]["batch_stats"]
+    # Compared after 3 steps, where they agree to float32 rounding (per-device statistics of 4
+    # examples would differ in the first digits); by step 20 they also carry the parameters' rounding
+    # drift (see the loss curve above), a few 1e-3 on the smoke ResNet.
+    one = runs[("jit", 1)]["early_batch_stats"]
+    eight = runs[(mode, 8)]["early_batch_stats"]
     assert set(one) == set(eight) and any("var" in k for k in one)
     for key in one:
-        np.testing.assert_allclose(np.array(eight[key]), np.array(one[key]), rtol=2e-4, atol=2e-5, err_msg=key)
+        np.testing.assert_allclose(np.array(eight[key]), np.array(one[key]), rtol=2e-5, atol=1e-6, err_msg=key)
     # Every pmap replica holds the same statistics.
     assert runs[(mode, 8)]["device_spread"] == 0.0
