@@ -8,9 +8,10 @@ stem and three stages of two basic blocks, 32/64/128 wide, on 12x12, 6x6 and 3x3
 smoothing 0.1, cosine schedule, 20 epochs; the checkpoint reported is the one best on
 validation. Folding quarters the positions, so twice the width still trains 1.6x faster than
 the 16/32/64 network on the 24x24 centre (678 vs 426 img/s here), which buys 20 epochs in the
-time of 12. Measured here (seeds 0 / 1 / 2): best validation 99.66 / 99.68 / 99.66%,
-test 99.63 / 99.59 / 99.68% (mean 99.63%), 28.8 min a run; the three together 99.70%. The 16/32/64 network on the 24x24 centre
-for 12 epochs had validation 99.60 / 99.66 / 99.58% and test 99.58 / 99.67 / 99.50%.
+time of 12. Measured here (seeds 0 / 1 / 2): best validation 99.66 / 99.68 / 99.66%, test
+99.63 / 99.59 / 99.68% (mean 99.63%), 28.8 min a run; the three together 99.70%. The 16/32/64
+network on the 24x24 centre for 12 epochs had validation 99.60 / 99.66 / 99.58% and test
+99.58 / 99.67 / 99.50%.
 """
 
 from configs import default

@@ -46,7 +46,6 @@ def main(mode: str, steps: int) -> None:
             losses_out.append(float(m["loss"][0]))
             if len(losses_out) == EARLY_STEPS:
                 early = jax.tree.map(lambda x: np.asarray(x[0]), state.batch_stats)
-        stats = jax.tree.map(lambda x: np.asarray(x[0]), state.batch_stats)
         spread = max(float(np.max(np.abs(np.asarray(x) - np.asarray(x)[0:1]))) for x in jax.tree.leaves(state.batch_stats))
     else:
         mesh = parallel.make_mesh()
@@ -59,12 +58,11 @@ def main(mode: str, steps: int) -> None:
             losses_out.append(float(m["loss"]))
             if len(losses_out) == EARLY_STEPS:
                 early = jax.tree.map(np.asarray, state.batch_stats)
-        stats = jax.tree.map(np.asarray, state.batch_stats)
         spread = 0.0
     flat = lambda tree: {"/".join(str(k.key) for k in path): v.tolist()
                          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "batch_stats": flat(stats),
-                      "early_batch_stats": flat(early), "device_spread": spread}))
+    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "early_batch_stats": flat(early),
+                      "device_spread": spread}))
 
 
 if __name__ == "__main__":

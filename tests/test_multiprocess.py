@@ -63,16 +63,15 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     _finish([_launch(one, env)])
     outs = _finish(procs)
     assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
-    ckpt_steps = sorted(int(s) for s in os.listdir(os.path.join(two, "checkpoints")) if s.isdigit())
-    assert os.listdir(os.path.join(two, "best")) == ["16"] and ckpt_steps[-1] == 32  # the report used step 16
+    ckpt_dir = os.path.join(two, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    assert os.listdir(os.path.join(two, "best")) == ["16"] and steps[-1] == 32  # the report used step 16
     _, two_leaves = _digest(two)
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     # Resume: drop the newest checkpoints (as if killed after step 16) and rerun both processes.
-    ckpt_dir = os.path.join(two, "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
     for s in steps[1:]:
         shutil.rmtree(os.path.join(ckpt_dir, str(s)))
     _finish(_start_two_processes(two))
