@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.elastic_alpha = 0.0  # elastic distortion magnitude in pixels; 0 disables
     c.augment.elastic_sigma = 4.0
 
+    # Exponential moving average of the weights (and BatchNorm statistics), updated after every step;
+    # when > 0 it is what is validated, selected as best, reported and delivered. 0 keeps none.
+    c.ema_decay = 0.0
+
     c.batch_size = 128  # global batch over all devices and processes
     c.eval_batch_size = 1000  # padded and masked: every example counts
     c.num_epochs = 10

@@ -20,7 +20,8 @@ from hwrjax.losses import cross_entropy, get_loss, huber, mean_squared_error, mu
 from hwrjax.models import MLP, ConvNet, ResNet, create_model
 from hwrjax.optim import make_optimizer, make_schedule
 from hwrjax.rng import RunKeys
-from hwrjax.train import TrainState, create_train_state, summarize_eval, train_and_evaluate
+from hwrjax.train import (TrainState, averaged, create_train_state, init_ema, summarize_eval, train_and_evaluate,
+                          update_ema)
 
 # jit-compiled pure steps; `loss_fn` (a per-example loss) is static.
 train_step = _jax.jit(_train.train_step, static_argnames=("loss_fn",))
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AugmentParams", "CheckpointError", "ConfigError", "ConvNet", "DataError", "HwrjaxError", "MLP", "ResNet",
-    "RunKeys", "TrainState", "augment_batch", "create_model", "create_train_state", "cross_entropy",
-    "eval_step", "get_loss", "huber", "load_config", "load_variables", "make_optimizer", "make_schedule",
-    "mean_squared_error", "multiclass_hinge", "summarize_eval", "train_and_evaluate", "train_step",
+    "RunKeys", "TrainState", "augment_batch", "averaged", "create_model", "create_train_state", "cross_entropy",
+    "eval_step", "get_loss", "huber", "init_ema", "load_config", "load_variables", "make_optimizer",
+    "make_schedule", "mean_squared_error", "multiclass_hinge", "summarize_eval", "train_and_evaluate",
+    "train_step", "update_ema",
 ]

@@ -4,7 +4,8 @@ accuracy for inference, and loading parameters without building an optimizer.
 Layout under a workdir:
   checkpoints/<step>/{model,opt,meta}   latest K saves (resume)
   best/<step>/{model,opt,meta}          the best validation checkpoint (inference)
-`model` holds params and batch statistics, `opt` the step and optimizer state, and
+`model` holds params and batch statistics (and, for runs that keep one, their moving
+average under `ema`), `opt` the step and optimizer state, and
 `meta` (JSON) the early-stopping bookkeeping. The data position is not saved: it follows
 from the step (see hwrjax.train).
 """
@@ -33,8 +34,17 @@ def _options(max_to_keep: int, async_save: bool, name: str) -> ocp.CheckpointMan
         multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
+def _handlers() -> dict:
+    # Named handlers (not just item names) let a manager read an item's metadata before restoring it.
+    return {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
 def _model_tree(state: Any) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    tree = {"params": state.params, "batch_stats": state.batch_stats}
+    if getattr(state, "ema", None):
+        tree["ema"] = state.ema
+    return tree
 
 
 def _opt_tree(state: Any) -> dict:
@@ -48,10 +58,10 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.latest = ocp.CheckpointManager(os.path.join(self.workdir, LATEST_DIR),
                                             options=_options(keep, async_save, "latest"),
-                                            item_names=("model", "opt", "meta"))
+                                            item_handlers=_handlers())
         self.best = ocp.CheckpointManager(os.path.join(self.workdir, BEST_DIR),
                                           options=_options(1, async_save, "best"),
-                                          item_names=("model", "opt", "meta"))
+                                          item_handlers=_handlers())
 
     @staticmethod
     def _args(state: Any, meta: dict) -> ocp.args.Composite:
@@ -83,11 +93,20 @@ class Checkpointer:
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
             return None
-        abstract_model = jax.tree.map(ocp.utils.to_shape_dtype_struct, _model_tree(target_state))
+        target_model = _model_tree(target_state)
         abstract_opt = jax.tree.map(ocp.utils.to_shape_dtype_struct, _opt_tree(target_state))
         for step in steps:
             path = os.path.join(self.workdir, LATEST_DIR, str(step))
             try:
+                # A run that starts (or stops) keeping a moving average part way (a changed
+                # config.ema_decay) resumes from checkpoints saved without (or with) one.
+                saved_has_ema = "ema" in self.latest.item_metadata(step)["model"]
+                model_tree = dict(target_model)
+                if not saved_has_ema:
+                    model_tree.pop("ema", None)
+                elif "ema" not in model_tree:
+                    model_tree["ema"] = {"params": target_model["params"], "batch_stats": target_model["batch_stats"]}
+                abstract_model = jax.tree.map(ocp.utils.to_shape_dtype_struct, model_tree)
                 restored = self.latest.restore(step, args=ocp.args.Composite(
                     model=ocp.args.StandardRestore(abstract_model),
                     opt=ocp.args.StandardRestore(abstract_opt),
@@ -96,9 +115,16 @@ class Checkpointer:
                 logging.error("Checkpoint at step %d in %s is damaged (%s: %s); trying an older one.",
                               step, path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
                 continue
+            model = restored["model"]
             state = target_state.replace(step=restored["opt"]["step"], opt_state=restored["opt"]["opt_state"],
-                                         params=restored["model"]["params"],
-                                         batch_stats=restored["model"]["batch_stats"])
+                                         params=model["params"], batch_stats=model["batch_stats"])
+            if "ema" in target_model:
+                ema = model.get("ema")
+                if "ema" not in model:
+                    ema = jax.tree.map(jax.numpy.copy, {"params": model["params"], "batch_stats": model["batch_stats"]})
+                    logging.warning("The checkpoint at step %d keeps no moving average; it starts from the "
+                                    "restored weights.", step)
+                state = state.replace(ema=ema)
             return state, dict(restored["meta"] or {})
         raise CheckpointError(f"no readable checkpoint in {os.path.join(self.workdir, LATEST_DIR)} "
                               f"(tried steps {steps}); move the directory away to start over")
@@ -125,11 +151,13 @@ def load_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_variables(workdir: str, which: str | int = "best") -> tuple[dict, int]:
+def load_variables(workdir: str, which: str | int = "best", average: bool = True) -> tuple[dict, int]:
     """Restores {"params", "batch_stats"} of the best, latest, or a given step's checkpoint.
 
-    The arrays land on this process's first device, whatever devices the run was saved
-    from. No optimizer is built. Returns (variables, step).
+    For a run that kept a moving average of its weights (config.ema_decay > 0) these are the
+    averaged ones, which it validated and selected on, unless `average` is False. The arrays
+    land on this process's first device, whatever devices the run was saved from. No
+    optimizer is built. Returns (variables, step).
     """
     if which == "best":
         subdir = BEST_DIR
@@ -166,4 +194,6 @@ def load_variables(workdir: str, which: str | int = "best") -> tuple[dict, int]:
     finally:
         mngr.close()
     model = restored["model"]
+    if average and model.get("ema"):
+        model = model["ema"]
     return {"params": model["params"], "batch_stats": model.get("batch_stats") or {}}, step

@@ -41,9 +41,11 @@ from hwrjax.logs import MetricLogger
 
 
 class TrainState(train_state.TrainState):
-    """flax TrainState plus BatchNorm statistics (an empty dict for models without them)."""
+    """flax TrainState plus BatchNorm statistics (an empty dict for models without them) and
+    the moving average of the weights (`ema`: {} when none is kept, see `init_ema`)."""
 
     batch_stats: Any = flax.struct.field(default_factory=dict)
+    ema: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
@@ -52,6 +54,44 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Ar
     variables = model.init({"params": rng, "dropout": rng}, jnp.zeros(input_shape, jnp.float32), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
+
+
+def init_ema(state: TrainState) -> TrainState:
+    """Starts an exponential moving average of the params and BatchNorm statistics at their current values.
+
+    The average gets its own copies of the arrays, so a step that donates the state's buffers
+    does not find one buffer in two places.
+    """
+    return state.replace(ema=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}))
+
+
+def ema_decay_at(decay: float, step: jnp.ndarray) -> jnp.ndarray:
+    """The decay applied after optimizer step `step` (1 for the first): min(decay, (1+t)/(10+t)).
+
+    The ramp keeps the first updates from being swamped by the initial weights, so a short run
+    (or a low step count) averages its recent weights instead of its random start.
+    """
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(state: TrainState, decay: float) -> TrainState:
+    """Moves `state.ema` towards the current params and BatchNorm statistics by 1 - ema_decay_at(decay, step).
+
+    Call it after each optimizer step on a state made by `init_ema`. The average never feeds back
+    into training: the params follow exactly the trajectory they follow without it.
+    """
+    d = ema_decay_at(decay, state.step)
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    return state.replace(ema=jax.tree.map(lambda e, p: e + (1.0 - d).astype(e.dtype) * (p - e), state.ema, current))
+
+
+def averaged(state: TrainState) -> TrainState:
+    """`state` with its moving average in place of params and BatchNorm statistics (unchanged
+    when it keeps none): the weights a run with config.ema_decay > 0 validates, selects and delivers."""
+    if not state.ema:
+        return state
+    return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
 def _variables(state: TrainState, params: Any) -> dict:
@@ -161,22 +201,26 @@ def make_batch_fn(aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys, num_tra
     return lambda images, labels, order, step: compiled(images, labels, order, step, keys.augment)
 
 
-def make_step_fn(loss_fn: Callable, keys: rng_lib.RunKeys) -> Callable:
+def make_step_fn(loss_fn: Callable, keys: rng_lib.RunKeys, ema_decay: float = 0.0) -> Callable:
     """Builds jit(state, batch) -> (state, metrics): `train_step` with dropout keyed by
-    fold_in(keys.dropout, state.step); the state's buffers are donated."""
+    fold_in(keys.dropout, state.step), then `update_ema` when ema_decay > 0; the state's
+    buffers are donated."""
 
     def step_fn(state: TrainState, batch: dict, dropout_key: jax.Array):
-        return train_step(state, batch, jax.random.fold_in(dropout_key, state.step), loss_fn=loss_fn)
+        state, metrics = train_step(state, batch, jax.random.fold_in(dropout_key, state.step), loss_fn=loss_fn)
+        return (update_ema(state, ema_decay) if ema_decay else state), metrics
 
     compiled = jax.jit(step_fn, donate_argnums=(0,))
     return lambda state, batch: compiled(state, batch, keys.dropout)
 
 
 def make_fused_train_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys,
-                          num_train: int, batch_size: int, mesh: jax.sharding.Mesh) -> Callable:
+                          num_train: int, batch_size: int, mesh: jax.sharding.Mesh,
+                          ema_decay: float = 0.0) -> Callable:
     """(state, images, labels, order) -> (state, metrics) for batch number `state.step`, without
     preparing ahead: the batch program, then the step program."""
-    batch_fn, step_fn = make_batch_fn(aug, keys, num_train, batch_size, mesh), make_step_fn(loss_fn, keys)
+    batch_fn = make_batch_fn(aug, keys, num_train, batch_size, mesh)
+    step_fn = make_step_fn(loss_fn, keys, ema_decay)
     return lambda state, images, labels, order: step_fn(state, batch_fn(images, labels, order, state.step))
 
 
@@ -225,7 +269,7 @@ PMAP_AXIS = "batch"
 
 
 def make_fused_pmap_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys,
-                         num_train: int, batch_size: int) -> Callable:
+                         num_train: int, batch_size: int, ema_decay: float = 0.0) -> Callable:
     """The same step as `make_fused_train_step` under jax.pmap: each device takes its slice of
     the global batch (and the matching augmentation keys) and gradients are averaged."""
     steps_per_epoch = num_train // batch_size
@@ -239,8 +283,9 @@ def make_fused_pmap_step(loss_fn: Callable, aug: augment_lib.AugmentParams, keys
         batch_images = augment_lib.augment_batch(to_float_images(images[idx]),
                                                  jax.random.fold_in(augment_key, step), aug, index_offset=offset)
         rng = jax.random.fold_in(jax.random.fold_in(dropout_key, step), jax.lax.axis_index(PMAP_AXIS))
-        return train_step(state, {"image": batch_images, "label": labels[idx]}, rng, loss_fn=loss_fn,
-                          axis_name=PMAP_AXIS)
+        state, metrics = train_step(state, {"image": batch_images, "label": labels[idx]}, rng, loss_fn=loss_fn,
+                                    axis_name=PMAP_AXIS)
+        return (update_ema(state, ema_decay) if ema_decay else state), metrics
 
     # Keys are broadcast arguments (in_axes None) for the same reason as in make_fused_train_step.
     compiled = jax.pmap(fused, axis_name=PMAP_AXIS, in_axes=(0, 0, 0, 0, None, None), donate_argnums=(0,))
@@ -310,6 +355,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ConfigError("config.early_stopping.patience_epochs must be >= 0")
     if config.dataset.limit_train < 0:
         raise ConfigError("config.dataset.limit_train must be >= 0")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"config.ema_decay must be in [0, 1) (0 keeps no moving average), got {config.ema_decay!r}")
     if config.parallel not in parallel.MODES:
         raise ConfigError(f"unknown config.parallel {config.parallel!r}; use one of {list(parallel.MODES)}")
     # Building these checks every name (model, loss, optimizer, schedule, augment ranges).
@@ -333,7 +380,8 @@ def check_workdir(workdir: str) -> None:
 
 # Config fields added after runs were made, with the value that behaves as runs without the field
 # did: a saved config lacking one of them is the same run as a current config holding that value.
-ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False, "model.crop_border": 0}
+ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False, "model.crop_border": 0,
+                "ema_decay": 0.0}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -430,8 +478,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     aug = augment_lib.AugmentParams.from_config(config.augment)
 
     replicated = NamedSharding(mesh, P())
-    state = jax.jit(lambda k: create_train_state(model, tx, k, (1,) + data_lib.IMAGE_SHAPE),
-                    out_shardings=replicated)(keys.init)
+    ema_decay = float(config.ema_decay)
+
+    def init(k):
+        state_ = create_train_state(model, tx, k, (1,) + data_lib.IMAGE_SHAPE)
+        return init_ema(state_) if ema_decay else state_
+
+    state = jax.jit(init, out_shardings=replicated)(keys.init)
 
     if is_main and not os.path.exists(config_path):
         with open(config_path + ".tmp", "w") as f:
@@ -454,7 +507,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     test_set = EvalSet(splits.test, config.eval_batch_size, mesh)
     if use_pmap:
         local = jax.local_devices()
-        pmapped = make_fused_pmap_step(loss_fn, aug, keys, len(splits.train), config.batch_size)
+        pmapped = make_fused_pmap_step(loss_fn, aug, keys, len(splits.train), config.batch_size, ema_decay)
         images_p = parallel.replicate_for_pmap(splits.train.images, local)
         labels_p = parallel.replicate_for_pmap(splits.train.labels, local)
         order_cache: dict = {}
@@ -470,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         from_run_state = lambda s: jax.device_put(jax.tree.map(lambda x: x[0], s), replicated)
         fetch_metrics = lambda ms: [jax.tree.map(lambda x: x[0], m) for m in jax.device_get(ms)]
     else:
-        step_fn = make_step_fn(loss_fn, keys)
+        step_fn = make_step_fn(loss_fn, keys, ema_decay)
         pipeline = InputPipeline(make_batch_fn(aug, keys, len(splits.train), config.batch_size, mesh),
                                  train_images, train_labels, keys.order, len(splits.train), steps_per_epoch,
                                  total_steps)
@@ -521,7 +574,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     last_log_time, last_log_step = now, step
                 epoch_end = step % steps_per_epoch == 0
                 if epoch_end and val_set is not None:
-                    val = evaluate(from_run_state(state), val_set)
+                    val = evaluate(averaged(from_run_state(state)), val_set)
                     logger.write(step, {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
                                         "epoch": step // steps_per_epoch})
                     improved = val["accuracy"] > meta["best_val_accuracy"] + config.early_stopping.min_delta
@@ -550,17 +603,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = from_run_state(state)
 
     # The final report uses the best validation checkpoint when there is one (selection
-    # never looks at test), else the last state.
-    report_state = state
+    # never looks at test), else the last state; with ema_decay > 0, their moving averages.
+    report_state, report_step = averaged(state), step
     if val_set is not None and meta["best_step"] >= 0 and meta["best_step"] != step:
+        report_step = int(meta["best_step"])
         variables, _ = checkpoint_lib.load_variables(workdir, "best")
         # Every process loaded the same checkpoint: place it on all devices of the run, including
         # those of other processes (a plain device_put cannot reach them).
         to_run = lambda tree: jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), replicated), tree)
-        report_state = state.replace(params=to_run(variables["params"]), batch_stats=to_run(variables["batch_stats"]))
+        report_state = state.replace(params=to_run(variables["params"]), batch_stats=to_run(variables["batch_stats"]),
+                                     ema={})
     test = evaluate(report_state, test_set)
     wall = meta["wall_time_s"] + (0.0 if finished else time.time() - session_start)
-    test.update(step=step, checkpoint_step=int(meta["best_step"]) if report_state is not state else step,
+    test.update(step=step, checkpoint_step=report_step,
                 split=config.dataset.test_split, dataset=config.dataset.name,
                 wall_time_s=wall, total_time_s=time.time() - start_time,
                 best_val_accuracy=meta["best_val_accuracy"], num_params=int(sum(

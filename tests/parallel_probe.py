@@ -1,4 +1,5 @@
-"""Runs a few training steps with a given parallel mode and prints losses and BN statistics.
+"""Runs a few training steps with a given parallel mode and prints losses, BN statistics and
+the moving average of the weights.
 
 Used by test_parallel.py in subprocesses with different simulated device counts:
   python tests/parallel_probe.py jit|pmap STEPS
@@ -18,6 +19,7 @@ from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa:
 
 
 EARLY_STEPS = 3  # BN statistics are also recorded after this many steps, before rounding drift compounds
+EMA_DECAY = 0.9
 
 
 def main(mode: str, steps: int) -> None:
@@ -32,37 +34,37 @@ def main(mode: str, steps: int) -> None:
     keys = rng.RunKeys.from_seed(0)
     model = models.create_model(c.model, 10, bn_axis_name=train.PMAP_AXIS if mode == "pmap" else None)
     tx = optim.make_optimizer(c, optim.make_schedule(c, num_train // batch, 4))
-    state = train.create_train_state(model, tx, keys.init)
+    state = train.init_ema(train.create_train_state(model, tx, keys.init))
     aug = augment.AugmentParams.from_config(c.augment)
     order = train.epoch_order(keys.order, 0, num_train)
     losses_out, early = [], None
     if mode == "pmap":
         devices = jax.local_devices()
-        step = train.make_fused_pmap_step(losses.cross_entropy, aug, keys, num_train, batch)
+        step = train.make_fused_pmap_step(losses.cross_entropy, aug, keys, num_train, batch, EMA_DECAY)
         state = parallel.replicate_for_pmap(state, devices)
         args = [parallel.replicate_for_pmap(a, devices) for a in (images, labels, np.asarray(order))]
         for _ in range(steps):
             state, m = step(state, *args)
             losses_out.append(float(m["loss"][0]))
             if len(losses_out) == EARLY_STEPS:
-                early = jax.tree.map(lambda x: np.asarray(x[0]), state.batch_stats)
+                early = jax.tree.map(lambda x: np.asarray(x[0]), (state.batch_stats, state.ema, state.params))
         spread = max(float(np.max(np.abs(np.asarray(x) - np.asarray(x)[0:1]))) for x in jax.tree.leaves(state.batch_stats))
     else:
         mesh = parallel.make_mesh()
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        step = train.make_fused_train_step(losses.cross_entropy, aug, keys, num_train, batch, mesh)
+        step = train.make_fused_train_step(losses.cross_entropy, aug, keys, num_train, batch, mesh, EMA_DECAY)
         state = jax.device_put(state, sharding)
         args = [parallel.put_replicated(a, sharding) for a in (images, labels, np.asarray(order))]
         for _ in range(steps):
             state, m = step(state, *args)
             losses_out.append(float(m["loss"]))
             if len(losses_out) == EARLY_STEPS:
-                early = jax.tree.map(np.asarray, state.batch_stats)
+                early = jax.tree.map(np.asarray, (state.batch_stats, state.ema, state.params))
         spread = 0.0
     flat = lambda tree: {"/".join(str(k.key) for k in path): v.tolist()
                          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "early_batch_stats": flat(early),
-                      "device_spread": spread}))
+    print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "early_batch_stats": flat(early[0]),
+                      "early_ema": flat(early[1]), "early_params": flat(early[2]), "device_spread": spread}))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,18 @@ def test_batchnorm_statistics_are_those_of_the_global_batch(runs, mode):
         np.testing.assert_allclose(np.array(eight[key]), np.array(one[key]), rtol=2e-5, atol=1e-6, err_msg=key)
     # Every pmap replica holds the same statistics.
     assert runs[(mode, 8)]["device_spread"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_weight_average_is_updated_alike_on_eight_devices(runs, mode):
+    # The moving average (params and BN statistics) after 3 steps is the one-device average, and it
+    # really lags the weights. The params' own summation-order rounding reaches ~1e-6 on the smallest
+    # biases (~5e-4) by then, hence the absolute tolerance.
+    one, eight = runs[("jit", 1)], runs[(mode, 8)]
+    assert set(one["early_ema"]) == set(eight["early_ema"]) and any(k.startswith("params/") for k in one["early_ema"])
+    for key in one["early_ema"]:
+        np.testing.assert_allclose(np.array(eight["early_ema"][key]), np.array(one["early_ema"][key]),
+                                   rtol=2e-5, atol=5e-6, err_msg=key)
+    lagging = [k for k in one["early_params"]
+               if not np.allclose(one["early_ema"]["params/" + k], one["early_params"][k], rtol=1e-3, atol=1e-6)]
+    assert len(lagging) > len(one["early_params"]) // 2, lagging

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smoke ResNet long enough (3 epochs x 32 steps) to be interrupted twice part way through.
 EPOCHS = 3
 TOTAL_STEPS = EPOCHS * 32
+# It keeps a moving average of the weights, which must resume bit for bit too.
 OVERRIDES = [f"--config.num_epochs={EPOCHS}", "--config.checkpoint.every_steps=12", "--config.log_every_steps=4",
-             "--config.dataset.test_split=test[:500]", "--config.report_plots=False"]
+             "--config.dataset.test_split=test[:500]", "--config.report_plots=False", "--config.ema_decay=0.9"]
 
 
 def _env(devices: int) -> dict:
@@ -66,9 +67,11 @@ def _start_and_interrupt(workdir: str, sig: int, devices: int = 1, after_step: i
 
 
 def _digest(workdir: str) -> str:
-    variables, _ = checkpoint.load_variables(workdir, "latest")
+    """sha256 of the latest weights and of their moving average (which must differ)."""
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(variables):
+    raw, averaged = (checkpoint.load_variables(workdir, "latest", average=a)[0] for a in (False, True))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(averaged)))
+    for leaf in jax.tree.leaves((raw, averaged)):
         h.update(np.asarray(leaf).tobytes())
     return h.hexdigest()
 

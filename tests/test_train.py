@@ -200,12 +200,25 @@ def test_runs_saved_before_a_field_was_added_still_resume():
     # The same for every later field, in the configs that carry it (the speed recipe has them all).
     fast = train._config_dict(importlib.import_module("configs.fast").get_config())
     for field, old_value in train.ADDED_FIELDS.items():
-        section, name = field.split(".")
-        saved = json.loads(json.dumps(fast))
-        del saved[section][name]
-        current = json.loads(json.dumps(fast))
-        current[section][name] = old_value
+        saved, current = _edited(fast, field), _edited(fast, field, old_value)
         assert train.config_differences(saved, current) == [], field
+        # and a value other than the old behaviour is a real change
+        assert train.config_differences(saved, _edited(fast, field, "changed")) != [], field
+
+
+def _edited(config: dict, dotted: str, *value) -> dict:
+    """A copy of a config dict with field `dotted` deleted, or set to `value` when one is given."""
+    out = json.loads(json.dumps(config))
+    *sections, name = dotted.split(".")
+    node = out
+    for section in sections:
+        node = node[section]
+    assert name in node, dotted
+    if value:
+        node[name] = value[0]
+    else:
+        del node[name]
+    return out
 
 
 def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
