@@ -132,13 +132,17 @@ def load_model(workdir: str, which: str | int = "best") -> LoadedModel:
 
 
 def as_loaded_model(model: str | LoadedModel | Any) -> LoadedModel:
-    """A LoadedModel from a workdir (best checkpoint), a LoadedModel, or a TrainState-like object."""
+    """A LoadedModel from a workdir (best checkpoint), a LoadedModel, or a TrainState-like object
+    (its moving average of the weights when it keeps one, as a checkpoint of it would give)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_model(os.fspath(model))
     if all(hasattr(model, a) for a in ("apply_fn", "params")):
-        variables = _inference_variables(model.params, getattr(model, "batch_stats", None))
+        ema = getattr(model, "ema", None)
+        params, batch_stats = ((ema["params"], ema["batch_stats"]) if ema
+                               else (model.params, getattr(model, "batch_stats", None)))
+        variables = _inference_variables(params, batch_stats)
         out = jax.eval_shape(lambda v: model.apply_fn(v, jnp.zeros((1,) + IMAGE_SHAPE), train=False), variables)
         return LoadedModel(apply_fn=model.apply_fn, variables=variables, num_classes=int(out.shape[-1]))
     raise TypeError(f"expected a workdir, a LoadedModel or a TrainState, got {type(model).__name__}")

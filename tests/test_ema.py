@@ -12,7 +12,7 @@ import pytest
 
 import hwrjax
 from configs import resnet as resnet_config
-from hwrjax import checkpoint, data, losses, parallel, train
+from hwrjax import checkpoint, data, evaluate, losses, parallel, train
 from hwrjax.errors import ConfigError
 from test_train import TinyNet, _toy_batch
 
@@ -53,6 +53,10 @@ def test_public_api_keeps_an_average_of_a_user_model():
     assert jax.tree.structure(avg.batch_stats) == jax.tree.structure(state.batch_stats)
     result = hwrjax.summarize_eval(jax.device_get(hwrjax.eval_step(avg, batch)))
     assert result["accuracy"] > 0.9
+    # Inference helpers given the state use the average, as they would from its checkpoint.
+    loaded = evaluate.as_loaded_model(state)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded.variables["params"]),
+                                                    jax.tree.leaves(avg.params)))
 
 
 def test_ema_decay_out_of_range_is_refused():
