@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Exponential moving average of the weights (and BatchNorm statistics), updated after every step;
     # when > 0 it is what is validated, selected as best, reported and delivered. 0 keeps none.
+    # The decay after step t is min(ema_decay, (1+t)/(10+t)): the average spans roughly the last
+    # t/9 steps until that exceeds 1/(1-ema_decay) steps (t > 8990 for 0.999).
     c.ema_decay = 0.0
 
     c.batch_size = 128  # global batch over all devices and processes
