@@ -56,13 +56,17 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Ar
                              batch_stats=variables.get("batch_stats", {}))
 
 
+def _weights(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def init_ema(state: TrainState) -> TrainState:
     """Starts an exponential moving average of the params and BatchNorm statistics at their current values.
 
     The average gets its own copies of the arrays, so a step that donates the state's buffers
     does not find one buffer in two places.
     """
-    return state.replace(ema=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}))
+    return state.replace(ema=jax.tree.map(jnp.copy, _weights(state)))
 
 
 def ema_decay_at(decay: float, step: jnp.ndarray) -> jnp.ndarray:
@@ -82,8 +86,8 @@ def update_ema(state: TrainState, decay: float) -> TrainState:
     into training: the params follow exactly the trajectory they follow without it.
     """
     d = ema_decay_at(decay, state.step)
-    current = {"params": state.params, "batch_stats": state.batch_stats}
-    return state.replace(ema=jax.tree.map(lambda e, p: e + (1.0 - d).astype(e.dtype) * (p - e), state.ema, current))
+    return state.replace(ema=jax.tree.map(lambda e, p: e + (1.0 - d).astype(e.dtype) * (p - e), state.ema,
+                                          _weights(state)))
 
 
 def averaged(state: TrainState) -> TrainState:

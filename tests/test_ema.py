@@ -80,7 +80,7 @@ def _lines(workdir: str, key: str) -> list:
             if f'"{key}"' in line]
 
 
-def _evaluate(workdir: str, variables: dict, config, split) -> dict:
+def _evaluate(variables: dict, config, split) -> dict:
     mesh = parallel.make_mesh()
     model = hwrjax.create_model(config.model, 10)
     state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.0),
@@ -108,11 +108,11 @@ def test_a_run_validates_selects_and_delivers_the_average(tmp_path, require_mnis
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(avg), jax.tree.leaves(raw)))
     best, best_step = checkpoint.load_variables(averaged, "best")
     splits = data.load_splits(config)
-    val = _evaluate(averaged, best, config, splits.validation)
+    val = _evaluate(best, config, splits.validation)
     assert val["accuracy"] == pytest.approx(max(_lines(averaged, "val_accuracy")), abs=1e-9)
     # The reported test accuracy is that of the best averaged weights.
     assert result["checkpoint_step"] == best_step
-    assert result["accuracy"] == pytest.approx(_evaluate(averaged, best, config, splits.test)["accuracy"], abs=1e-9)
+    assert result["accuracy"] == pytest.approx(_evaluate(best, config, splits.test)["accuracy"], abs=1e-9)
 
 
 def test_turning_the_average_on_part_way_resumes(tmp_path, require_mnist, caplog):
