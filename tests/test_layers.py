@@ -9,8 +9,11 @@ import pytest
 from hwrjax import layers
 
 
+@pytest.mark.parametrize("form", ["patch_matrix", "taps"])
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 28), (3, 2, 28), (1, 2, 14), (3, 2, 7), (5, 1, 9)])
-def test_matmul_kernel_gradient_equals_xlas(kernel, stride, size):
+def test_matmul_kernel_gradient_equals_xlas(kernel, stride, size, form, monkeypatch):
+    # Both forms of the products: one patch matrix (below the limit) and one product per tap (above).
+    monkeypatch.setattr(layers, "PATCH_MATRIX_LIMIT", 1 << 40 if form == "patch_matrix" else 0)
     x = jax.random.normal(jax.random.key(0), (3, size, size, 4))
     ours = layers.Conv(6, (kernel, kernel), stride, kernel_grad="matmul")
     ref = nn.Conv(6, (kernel, kernel), stride, padding="SAME")
@@ -23,10 +26,15 @@ def test_matmul_kernel_gradient_equals_xlas(kernel, stride, size):
     g_ref = jax.grad(loss(ref), argnums=(0, 1))(variables, x)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
-    # The custom gradient really is in use: its backward pass builds patches for a matrix product.
+    # The custom gradient really is in use, in the form asked for: one product of a patch matrix
+    # (a concatenation of the shifted views), or one product per kernel tap and no patch matrix.
     ours_jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), argnums=(0, 1)))(variables, x))
     ref_jaxpr = str(jax.make_jaxpr(jax.grad(loss(ref), argnums=(0, 1)))(variables, x))
-    assert ("concatenate" in ours_jaxpr or kernel == 1) and "concatenate" not in ref_jaxpr
+    assert "concatenate" not in ref_jaxpr and "dot_general" not in ref_jaxpr
+    if form == "patch_matrix":
+        assert ("concatenate" in ours_jaxpr or kernel == 1) and ours_jaxpr.count("dot_general") == 1
+    else:
+        assert "concatenate" not in ours_jaxpr and ours_jaxpr.count("dot_general") == kernel * kernel
     # forward + input gradient, against forward + input gradient + kernel gradient
     assert ours_jaxpr.count("conv_general_dilated") == 2 and ref_jaxpr.count("conv_general_dilated") == 3
 
