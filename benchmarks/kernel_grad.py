@@ -27,8 +27,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import time_alternating  # noqa: E402
-from hwrjax import layers, losses, models, optim, rng, train  # noqa: E402
+from benchmarks.timing import RecipeStep, time_alternating  # noqa: E402
+from hwrjax import layers, models  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "fast", "cnn"], "Recipes under configs/ to measure.")
@@ -98,32 +98,22 @@ def time_kernel_grads(x_shape, kernel_shape, strides) -> dict:
 
 
 def time_steps(config) -> dict:
-    b = config.batch_size
-    model = models.create_model(config.model, 10, dtype=config.dtype)
-    tx = optim.make_optimizer(config, optim.make_schedule(config, 100, config.num_epochs))
-    keys = rng.RunKeys.from_seed(0)
-    loss_fn = losses.get_loss(config.loss)
-    data = np.random.default_rng(0)
-    batch = {"image": jax.numpy.asarray(data.random((b, 28, 28, 1), dtype=np.float32)),
-             "label": jax.numpy.asarray(data.integers(0, 10, b).astype(np.int32))}
+    setup = RecipeStep(config)
     compiled, states, losses_seen = {}, {}, {}
     for name, limit in STEP_VARIANTS.items():
         original = layers.PATCH_MATRIX_LIMIT
         layers.PATCH_MATRIX_LIMIT = original if limit is None else limit
         try:
-            # A new function object per variant: JAX reuses the trace of a function it has seen.
-            step = lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn)
-            state = train.create_train_state(model, tx, keys.init)
-            compiled[name] = jax.jit(step, donate_argnums=0).lower(state, batch, keys.dropout).compile()
+            compiled[name] = setup.compile(donate_argnums=0)
         finally:
             layers.PATCH_MATRIX_LIMIT = original
-        states[name], metrics = compiled[name](train.create_train_state(model, tx, keys.init), batch, keys.dropout)
+        states[name], metrics = setup.bind(compiled[name])(setup.new_state())
         losses_seen[name] = float(metrics["loss"])
     if max(losses_seen.values()) - min(losses_seen.values()) > 1e-4:
         sys.exit(f"kernel_grad: the variants' first-step losses differ: {losses_seen}")
-    fns = {name: (lambda s, fn=fn: fn(s, batch, keys.dropout)) for name, fn in compiled.items()}
+    fns = {name: setup.bind(fn) for name, fn in compiled.items()}
     medians, _ = time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
-    return {name: b / t for name, t in medians.items()}
+    return {name: setup.batch_size / t for name, t in medians.items()}
 
 
 def main(argv):

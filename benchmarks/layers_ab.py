@@ -17,13 +17,12 @@ import os
 import sys
 
 import jax
-import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import time_alternating  # noqa: E402
-from hwrjax import layers, losses, models, optim, rng, train  # noqa: E402
+from benchmarks.timing import RecipeStep, time_alternating  # noqa: E402
+from hwrjax import layers  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["fast", "cnn", "resnet"], "Recipes under configs/ to measure.")
@@ -34,28 +33,19 @@ flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
 
 def measure(name: str) -> dict:
     config = importlib.import_module(f"configs.{name}").get_config()
-    b = config.batch_size
-    model = models.create_model(config.model, 10, dtype=config.dtype)
-    tx = optim.make_optimizer(config, optim.make_schedule(config, 100, config.num_epochs))
-    keys = rng.RunKeys.from_seed(0)
-    loss_fn = losses.get_loss(config.loss)
-    data = np.random.default_rng(0)
-    batch = {"image": jax.numpy.asarray(data.random((b, 28, 28, 1), dtype=np.float32)),
-             "label": jax.numpy.asarray(data.integers(0, 10, b).astype(np.int32))}
-    # A new function object per variant: JAX reuses the trace of a function it has seen.
-    new_step = lambda: (lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn))
-    state = train.create_train_state(model, tx, keys.init)
-    compiled = {"hwrjax": jax.jit(new_step()).lower(state, batch, keys.dropout).compile()}
+    setup = RecipeStep(config)
+    b = setup.batch_size
+    compiled = {"hwrjax": setup.compile()}
     with layers.flax_reference():
-        compiled["flax"] = jax.jit(new_step()).lower(state, batch, keys.dropout).compile()
+        compiled["flax"] = setup.compile()
     texts = {key: c.as_text() for key, c in compiled.items()}
     if texts["hwrjax"] == texts["flax"]:
         sys.exit("layers_ab: both variants compiled to the same program; nothing to compare")
     states, first_loss = {}, {}
     for key, fn in compiled.items():
-        states[key], metrics = fn(train.create_train_state(model, tx, keys.init), batch, keys.dropout)
+        states[key], metrics = setup.bind(fn)(setup.new_state())
         first_loss[key] = float(metrics["loss"])
-    fns = {key: (lambda s, fn=fn: fn(s, batch, keys.dropout)) for key, fn in compiled.items()}
+    fns = {key: setup.bind(fn) for key, fn in compiled.items()}
     medians, _ = time_alternating(fns, states, FLAGS.steps, FLAGS.repeats)
     return {"config": name, "batch_size": b, "hwrjax_images_per_s": b / medians["hwrjax"],
             "flax_images_per_s": b / medians["flax"], "speedup": medians["flax"] / medians["hwrjax"],

@@ -22,3 +22,38 @@ def time_alternating(fns: dict, states: dict, steps: int, repeats: int) -> tuple
             times[name].append((time.perf_counter() - start) / steps)
             states[name] = state
     return {name: float(np.median(t)) for name, t in times.items()}, states
+
+
+class RecipeStep:
+    """A recipe's model, optimizer, loss and one random batch at its batch size: what a train-step
+    benchmark compiles variants of. `new_step()` gives a new function object each call, since JAX
+    reuses the trace of a function it has already seen (e.g. across a change of layers' settings)."""
+
+    def __init__(self, config):
+        from hwrjax import losses, models, optim, rng
+
+        self.batch_size = b = config.batch_size
+        self.model = models.create_model(config.model, 10, dtype=config.dtype)
+        self.tx = optim.make_optimizer(config, optim.make_schedule(config, 100, config.num_epochs))
+        self.keys = rng.RunKeys.from_seed(0)
+        self.loss_fn = losses.get_loss(config.loss)
+        data = np.random.default_rng(0)
+        self.batch = {"image": jax.numpy.asarray(data.random((b, 28, 28, 1), dtype=np.float32)),
+                      "label": jax.numpy.asarray(data.integers(0, 10, b).astype(np.int32))}
+
+    def new_state(self):
+        from hwrjax import train
+
+        return train.create_train_state(self.model, self.tx, self.keys.init)
+
+    def new_step(self):
+        from hwrjax import train
+
+        return lambda s, bt, k: train.train_step(s, bt, k, loss_fn=self.loss_fn)
+
+    def compile(self, **jit_kwargs):
+        return jax.jit(self.new_step(), **jit_kwargs).lower(self.new_state(), self.batch, self.keys.dropout).compile()
+
+    def bind(self, compiled):
+        """compiled(state, batch, key) as the state -> (state, metrics) function time_alternating times."""
+        return lambda s: compiled(s, self.batch, self.keys.dropout)
