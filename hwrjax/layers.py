@@ -109,7 +109,8 @@ def _bwd(strides, residuals, dy):
 
 # Patch matrices larger than this (bytes) are not built: the kernel gradient is then kh*kw
 # products of shifted views. Measured crossover on this project's CPU (32 MB L3) lies
-# between 5 and 10 MB.
+# between 5 and 10 MB; other CPUs may differ (benchmarks/kernel_grad.py). Read when a function
+# is traced: set it before jitting (a function already traced keeps its form).
 PATCH_MATRIX_LIMIT = 8 << 20
 
 
