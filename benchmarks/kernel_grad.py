@@ -13,6 +13,7 @@ the variants (medians over --repeats runs), so the machine's noise hits each ali
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -36,8 +37,20 @@ flags.DEFINE_integer("steps", 5, "Train steps per timed run (kernel gradients: 4
 flags.DEFINE_integer("repeats", 7, "Timed runs per variant; medians are reported.")
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
 
-# PATCH_MATRIX_LIMIT for each whole-step variant; None keeps the shipped value.
-STEP_VARIANTS = {"as shipped": None, "patch matrix": 1 << 62, "per tap": 0}
+# PATCH_MATRIX_LIMIT that forces each form; the whole-step variants add the shipped value (None).
+FORMS = {"patch matrix": 1 << 62, "per tap": 0}
+STEP_VARIANTS = {"as shipped": None, **FORMS}
+
+
+@contextlib.contextmanager
+def patch_matrix_limit(limit: int | None):
+    """layers.PATCH_MATRIX_LIMIT set to `limit` (None: unchanged) for what is traced inside."""
+    original = layers.PATCH_MATRIX_LIMIT
+    layers.PATCH_MATRIX_LIMIT = original if limit is None else limit
+    try:
+        yield
+    finally:
+        layers.PATCH_MATRIX_LIMIT = original
 
 
 def conv_shapes(model: nn.Module, batch_size: int) -> list[tuple]:
@@ -65,21 +78,16 @@ def _xla_kernel_grad(x, dy, kernel_shape, strides):
 
 
 def time_kernel_grads(x_shape, kernel_shape, strides) -> dict:
-    kh, kw, cin, cout = kernel_shape
+    kh, kw, _, cout = kernel_shape
     out_hw = tuple(-(-n // s) for n, s in zip(x_shape[1:3], strides))
     data = np.random.default_rng(0)
     x = jnp.asarray(data.standard_normal(x_shape, dtype=np.float32))
     dy = jnp.asarray(data.standard_normal((x_shape[0], *out_hw, cout), dtype=np.float32))
-    forms = {"patch matrix": 1 << 62, "per tap": 0}
     compiled = {}
-    for form, limit in forms.items():
-        original = layers.PATCH_MATRIX_LIMIT
-        layers.PATCH_MATRIX_LIMIT = limit
-        try:
+    for form, limit in FORMS.items():
+        with patch_matrix_limit(limit):
             fn = functools.partial(layers._kernel_grad, kh=kh, kw=kw, strides=strides)
             compiled[form] = jax.jit(fn).lower(x, dy).compile()
-        finally:
-            layers.PATCH_MATRIX_LIMIT = original
     compiled["xla"] = jax.jit(functools.partial(_xla_kernel_grad, kernel_shape=kernel_shape,
                                                 strides=strides)).lower(x, dy).compile()
     reference = compiled["xla"](x, dy)
@@ -90,8 +98,8 @@ def time_kernel_grads(x_shape, kernel_shape, strides) -> dict:
             sys.exit(f"kernel_grad: the {form} form differs from XLA's gradient by {err:.1e} at {x_shape}")
     fns = {form: (lambda s, fn=fn: (s, fn(x, dy))) for form, fn in compiled.items()}
     medians, _ = time_alternating(fns, dict.fromkeys(fns, 0), 4 * FLAGS.steps, FLAGS.repeats)
-    patch_bytes = out_hw[0] * out_hw[1] * x_shape[0] * kh * kw * cin * 4
-    shipped = "patch matrix" if patch_bytes <= layers.PATCH_MATRIX_LIMIT else "per tap"
+    patch, patch_bytes = layers.uses_patch_matrix(x, dy, kh, kw)
+    shipped = "patch matrix" if patch else "per tap"
     return {"input": list(x_shape), "kernel": list(kernel_shape), "strides": list(strides),
             "patch_matrix_mb": patch_bytes / 2**20, "shipped_form": shipped,
             "ms": {form: 1000 * t for form, t in medians.items()}}
@@ -101,12 +109,8 @@ def time_steps(config) -> dict:
     setup = RecipeStep(config)
     compiled, states, losses_seen = {}, {}, {}
     for name, limit in STEP_VARIANTS.items():
-        original = layers.PATCH_MATRIX_LIMIT
-        layers.PATCH_MATRIX_LIMIT = original if limit is None else limit
-        try:
+        with patch_matrix_limit(limit):
             compiled[name] = setup.compile(donate_argnums=0)
-        finally:
-            layers.PATCH_MATRIX_LIMIT = original
         states[name], metrics = setup.bind(compiled[name])(setup.new_state())
         losses_seen[name] = float(metrics["loss"])
     if max(losses_seen.values()) - min(losses_seen.values()) > 1e-4:

@@ -114,11 +114,18 @@ def _bwd(strides, residuals, dy):
 PATCH_MATRIX_LIMIT = 8 << 20
 
 
+def uses_patch_matrix(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> tuple[bool, int]:
+    """(whether the kernel gradient of this convolution is one patch-matrix product, the patch
+    matrix's size in bytes), for input `x` and output gradient `dy`."""
+    nbytes = dy.size // dy.shape[-1] * kh * kw * x.shape[-1] * x.dtype.itemsize
+    return nbytes <= PATCH_MATRIX_LIMIT, nbytes
+
+
 def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, strides: tuple[int, int]) -> jax.Array:
     """d(loss)/d(kernel) [kh, kw, Cin, Cout] of a SAME convolution, from its input and output gradient."""
     cin, cout = x.shape[-1], dy.shape[-1]
     dy2 = dy.reshape(-1, cout)
-    if dy2.shape[0] * kh * kw * cin * x.dtype.itemsize <= PATCH_MATRIX_LIMIT:
+    if uses_patch_matrix(x, dy, kh, kw)[0]:
         p = _patches(x, kh, kw, strides, dy.shape[1:3])
         dk = jnp.dot(p.T, dy2, preferred_element_type=jnp.float32)
         return dk.reshape(kh, kw, cin, cout)
