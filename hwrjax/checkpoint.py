@@ -40,6 +40,13 @@ def _handlers() -> dict:
             "meta": ocp.JsonCheckpointHandler()}
 
 
+def absolute_path(path: str) -> str:
+    """`path` made absolute (Orbax reads checkpoint metadata only from absolute paths); URLs
+    such as gs://bucket/run are returned as they are."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def _model_tree(state: Any) -> dict:
     tree = {"params": state.params, "batch_stats": state.batch_stats}
     if getattr(state, "ema", None):
@@ -55,7 +62,7 @@ class Checkpointer:
     """Saves and restores a TrainState plus JSON metadata in a workdir."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = absolute_path(workdir)
         self.latest = ocp.CheckpointManager(os.path.join(self.workdir, LATEST_DIR),
                                             options=_options(keep, async_save, "latest"),
                                             item_handlers=_handlers())
@@ -159,6 +166,7 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
     land on this process's first device, whatever devices the run was saved from. No
     optimizer is built. Returns (variables, step).
     """
+    workdir = absolute_path(workdir)
     if which == "best":
         subdir = BEST_DIR
     else:

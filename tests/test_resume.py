@@ -199,3 +199,28 @@ def test_load_variables_for_inference(untrained_workdir):
         checkpoint.load_variables(untrained_workdir, 5)
     with pytest.raises(Exception, match="has no checkpoint"):
         checkpoint.load_variables(os.path.dirname(untrained_workdir) + "/nothing_here")
+
+
+def test_relative_workdir_saves_restores_and_loads(untrained_workdir, monkeypatch):
+    # The README's command passes a relative --workdir (runs/resnet); Orbax reads checkpoint
+    # metadata from absolute paths only, so every checkpoint entry point must resolve it.
+    monkeypatch.chdir(os.path.dirname(untrained_workdir))
+    relative = os.path.basename(untrained_workdir)
+    assert checkpoint.load_variables(relative, "best")[1] == 0
+    assert checkpoint.load_variables(relative, "latest")[1] == 0
+    config = checkpoint.load_config(relative)
+    model, tx = _model_and_tx(config)
+    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(1))
+    ckpt = checkpoint.Checkpointer(relative, keep=2, async_save=False)
+    ckpt.save_best(7, state, {"best_step": 7})
+    restored, _ = ckpt.restore_latest(state)
+    ckpt.close()
+    assert int(restored.step) == 0
+    variables, step = checkpoint.load_variables(relative, "best")
+    assert step == 7
+    np.testing.assert_array_equal(variables["params"]["stem"]["kernel"], state.params["stem"]["kernel"])
+
+
+def test_absolute_path_keeps_urls():
+    assert checkpoint.absolute_path("gs://bucket/runs/resnet") == "gs://bucket/runs/resnet"
+    assert checkpoint.absolute_path("runs/x") == os.path.join(os.getcwd(), "runs", "x")
