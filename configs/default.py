@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
     # The decay after step t is min(ema_decay, (1+t)/(10+t)): the average spans roughly the last
     # t/9 steps until that exceeds 1/(1-ema_decay) steps (t > 8990 for 0.999).
     c.ema_decay = 0.0
+    # BatchNorm statistics of the weights above recomputed before each validation, for the best
+    # checkpoint and the report: each layer's batch mean and variance in train mode, averaged over
+    # the first N training images in batches of eval_batch_size, unaugmented (the running averages
+    # follow the last ~10 augmented batches, or average statistics of other weights). 0 keeps the
+    # running averages; N > 0 must be at least eval_batch_size.
+    c.batch_stats_examples = 0
 
     c.batch_size = 128  # global batch over all devices and processes
     c.eval_batch_size = 1000  # padded and masked: every example counts

@@ -29,6 +29,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hwrjax import augment as augment_lib
+from hwrjax import batch_stats as batch_stats_lib
 from hwrjax import checkpoint as checkpoint_lib
 from hwrjax import data as data_lib
 from hwrjax import losses as losses_lib
@@ -96,6 +97,14 @@ def averaged(state: TrainState) -> TrainState:
     if not state.ema:
         return state
     return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
+
+
+def with_delivered_batch_stats(state: TrainState, batch_stats: Any) -> TrainState:
+    """`state` with `batch_stats` where a checkpoint of it is read for inference: in its moving
+    average when it keeps one (see `averaged`), else in place of its own statistics."""
+    if state.ema:
+        return state.replace(ema=dict(state.ema, batch_stats=batch_stats))
+    return state.replace(batch_stats=batch_stats)
 
 
 def _variables(state: TrainState, params: Any) -> dict:
@@ -359,6 +368,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ConfigError("config.early_stopping.patience_epochs must be >= 0")
     if config.dataset.limit_train < 0:
         raise ConfigError("config.dataset.limit_train must be >= 0")
+    examples = config.batch_stats_examples
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ConfigError(f"config.batch_stats_examples must be a whole number >= 0 (0 keeps the running "
+                          f"statistics), got {examples!r}")
+    if 0 < examples < config.eval_batch_size:
+        raise ConfigError(f"config.batch_stats_examples={examples} is less than one batch of "
+                          f"config.eval_batch_size={config.eval_batch_size}; use 0 or at least {config.eval_batch_size}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"config.ema_decay must be in [0, 1) (0 keeps no moving average), got {config.ema_decay!r}")
     if config.parallel not in parallel.MODES:
@@ -385,7 +401,7 @@ def check_workdir(workdir: str) -> None:
 # Config fields added after runs were made, with the value that behaves as runs without the field
 # did: a saved config lacking one of them is the same run as a current config holding that value.
 ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False, "model.crop_border": 0,
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "batch_stats_examples": 0}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -538,6 +554,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         to_run_state = from_run_state = lambda s: s
         fetch_metrics = jax.device_get
     evaluate = make_evaluate(loss_fn, mesh)
+    stats_images = (parallel.put_replicated(splits.train.images[:config.batch_stats_examples], replicated)
+                    if config.batch_stats_examples else None)
+
+    def delivered(state_: TrainState) -> TrainState:
+        """The weights a run validates, selects, reports and delivers: the moving average when one
+        is kept, with BatchNorm statistics recomputed on clean training images when asked."""
+        state_ = averaged(state_)
+        if not config.batch_stats_examples or not state_.batch_stats:
+            return state_
+        return state_.replace(batch_stats=batch_stats_lib.recompute_batch_stats(
+            state_.apply_fn, state_.params, state_.batch_stats, stats_images, config.eval_batch_size,
+            batch_sharding=NamedSharding(mesh, P("data"))))
 
     logger = MetricLogger(workdir, enabled=is_main, total_steps=total_steps,
                           progress=config.progress and sys.stderr.isatty())
@@ -578,13 +606,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     last_log_time, last_log_step = now, step
                 epoch_end = step % steps_per_epoch == 0
                 if epoch_end and val_set is not None:
-                    val = evaluate(averaged(from_run_state(state)), val_set)
+                    chosen = delivered(from_run_state(state))
+                    val = evaluate(chosen, val_set)
                     logger.write(step, {"val_loss": val["loss"], "val_accuracy": val["accuracy"],
                                         "epoch": step // steps_per_epoch})
                     improved = val["accuracy"] > meta["best_val_accuracy"] + config.early_stopping.min_delta
                     if improved:
                         meta.update(best_val_accuracy=val["accuracy"], best_step=step, epochs_without_improvement=0)
-                        ckpt.save_best(step, from_run_state(state), dict(meta))
+                        ckpt.save_best(step, with_delivered_batch_stats(from_run_state(state), chosen.batch_stats),
+                                       dict(meta))
                     else:
                         meta["epochs_without_improvement"] += 1
                     patience = config.early_stopping.patience_epochs
@@ -607,8 +637,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = from_run_state(state)
 
     # The final report uses the best validation checkpoint when there is one (selection
-    # never looks at test), else the last state; with ema_decay > 0, their moving averages.
-    report_state, report_step = averaged(state), step
+    # never looks at test), else the last state; with ema_decay > 0, their moving averages (and
+    # with batch_stats_examples > 0, the statistics recomputed for them, which `best` holds).
+    report_state, report_step = delivered(state), step
     if val_set is not None and meta["best_step"] >= 0 and meta["best_step"] != step:
         report_step = int(meta["best_step"])
         variables, _ = checkpoint_lib.load_variables(workdir, "best")
