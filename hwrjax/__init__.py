@@ -14,6 +14,7 @@ import jax as _jax
 
 from hwrjax import train as _train
 from hwrjax.augment import AugmentParams, augment_batch
+from hwrjax.batch_stats import recompute_batch_stats
 from hwrjax.checkpoint import load_config, load_variables
 from hwrjax.errors import CheckpointError, ConfigError, DataError, HwrjaxError
 from hwrjax.losses import cross_entropy, get_loss, huber, mean_squared_error, multiclass_hinge
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AugmentParams", "CheckpointError", "ConfigError", "ConvNet", "DataError", "HwrjaxError", "MLP", "ResNet",
     "RunKeys", "TrainState", "augment_batch", "averaged", "create_model", "create_train_state", "cross_entropy",
-    "eval_step", "get_loss", "huber", "init_ema", "load_config", "load_variables", "make_optimizer",
-    "make_schedule", "mean_squared_error", "multiclass_hinge", "summarize_eval", "train_and_evaluate",
+    "eval_step", "get_loss", "huber", "init_ema", "load_config", "load_variables", "make_optimizer", "make_schedule",
+    "mean_squared_error", "multiclass_hinge", "recompute_batch_stats", "summarize_eval", "train_and_evaluate",
     "train_step", "update_ema",
 ]
