@@ -46,7 +46,10 @@ def _run_seed(config: str, workdir: str, seed: int, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"time_to_accuracy: seed {seed} failed with exit code {proc.returncode}; see {log_path}")
-    with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
+    report_path = os.path.join(workdir, "report", "test_metrics.json")
+    if not os.path.exists(report_path):  # launch.py exits 0 when stopped by a signal (resumable)
+        sys.exit(f"time_to_accuracy: seed {seed} stopped before its report (interrupted?); see {log_path}")
+    with open(report_path) as f:
         report = json.load(f)
     return {"seed": seed, "workdir": workdir, "wall_s": wall, "test_accuracy": float(report["accuracy"]),
             "best_val_accuracy": report.get("best_val_accuracy"), "steps": report.get("step")}
