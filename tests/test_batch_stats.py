@@ -3,6 +3,8 @@ what a run with config.batch_stats_examples > 0 validates, checkpoints and repor
 
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -132,3 +134,30 @@ def test_a_run_validates_selects_and_delivers_recomputed_statistics(tmp_path, re
         max(_lines(fresh, "val_accuracy")), abs=1e-9)
     assert result["checkpoint_step"] == best_step
     assert result["accuracy"] == pytest.approx(_evaluate(best, config, splits.test)["accuracy"], abs=1e-9)
+
+
+_SHARDED = """
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hwrjax import batch_stats, models
+model = models.ResNet(stage_sizes=(1,), stage_widths=(8,), stem_width=8)
+images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8))
+variables = model.init(jax.random.key(0), images[:1].astype(jnp.float32))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+whole = batch_stats.recompute_batch_stats(model.apply, variables["params"], variables["batch_stats"], images, 32)
+spread = batch_stats.recompute_batch_stats(model.apply, variables["params"], variables["batch_stats"], images, 32,
+                                           batch_sharding=NamedSharding(mesh, P("data")))
+diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(spread)))
+scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(whole))
+print(json.dumps({"devices": jax.device_count(), "diff": diff, "scale": scale}))
+"""
+
+
+def test_batches_spread_over_devices_give_the_whole_batch_statistics():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Each device holds 4 of a batch's 32 images; the statistics must still be the batch's.
+    assert result["devices"] == 8 and result["scale"] > 0.1
+    assert result["diff"] <= 1e-5 * result["scale"]
