@@ -15,8 +15,10 @@ import pytest
 
 import hwrjax
 from configs import resnet as resnet_config
-from hwrjax import batch_stats, checkpoint, data, losses, parallel, train
+from hwrjax import batch_stats, checkpoint, data, train
 from hwrjax.errors import ConfigError
+from test_ema import _evaluate, _lines
+from test_ema import _smoke as _ema_smoke
 
 
 class DenseBN(nn.Module):
@@ -89,23 +91,9 @@ def test_config_is_checked_before_training(bad, message):
 
 
 def _smoke(examples: int):
-    c = resnet_config.get_config("smoke")
-    c.dataset.test_split = "test[:500]"
-    c.report_plots = False
+    c = _ema_smoke(0.999)  # the recipe's own moving average
     c.batch_stats_examples = examples
     return c
-
-
-def _lines(workdir: str, key: str) -> list:
-    return [json.loads(line)[key] for line in open(os.path.join(workdir, "metrics.jsonl")) if f'"{key}"' in line]
-
-
-def _evaluate(variables, config, split):
-    mesh = parallel.make_mesh()
-    model = hwrjax.create_model(config.model, 10)
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.0),
-                                    batch_stats=variables["batch_stats"])
-    return train.make_evaluate(losses.get_loss(config.loss), mesh)(state, train.EvalSet(split, 250, mesh))
 
 
 def test_a_run_validates_selects_and_delivers_recomputed_statistics(tmp_path, require_mnist):
