@@ -639,8 +639,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # The final report uses the best validation checkpoint when there is one (selection
     # never looks at test), else the last state; with ema_decay > 0, their moving averages (and
     # with batch_stats_examples > 0, the statistics recomputed for them, which `best` holds).
-    report_state, report_step = delivered(state), step
-    if val_set is not None and meta["best_step"] >= 0 and meta["best_step"] != step:
+    report_step = step
+    if val_set is None or meta["best_step"] < 0 or meta["best_step"] == step:
+        report_state = delivered(state)  # recomputed statistics only when the last state is reported
+    else:
         report_step = int(meta["best_step"])
         variables, _ = checkpoint_lib.load_variables(workdir, "best")
         # Every process loaded the same checkpoint: place it on all devices of the run, including
