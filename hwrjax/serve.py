@@ -7,48 +7,113 @@ Built on Starlette (ASGI) and served by uvicorn. Routes:
                          `image`; query `mode=number|digit` (default number) ->
                          {"text", "digits", "probabilities", "latency_ms"}
 Errors are JSON {"error": "..."}: 400 for a body that is not an image or has no ink,
-413 for a body over `max_upload_bytes` (refused by Content-Length, or while streaming
-before the rest is read), 404/405 for unknown routes and methods.
+403 for a foreign Host or a cross-origin request, 408 for an upload slower than
+`body_timeout`, 413 for a body over `max_upload_bytes` (refused by Content-Length, or while
+streaming before the rest is read), 503 with Retry-After when `max_in_flight` readings are
+already being answered, 404/405 for unknown routes and methods.
 
-Preprocessing and the model call run in worker threads (at most `workers` at once), so
-the event loop keeps serving; the Recognizer serializes its model calls with a lock.
+How a reading is made: small images (the page's drawings, scans up to LIGHT_PIXELS) are
+preprocessed in a pool of `workers` threads; larger ones in one slow-lane thread of lower
+OS priority, at most `heavy_queue` waiting, so photos and hostile images cannot delay the
+drawings. The digit crops of all requests waiting at that moment are classified in one
+model call by a MicroBatcher, padded to a power-of-two batch size (each compiled at start).
+`latency_ms` is the server's time from the complete upload to the reading.
+
+Who may use it: requests must name this server in their Host header (the bound address,
+its loopback aliases, or a name given with --allow-host), which defeats DNS rebinding;
+POSTs from another origin (Origin, or Sec-Fetch-Site when Origin is absent) are refused
+unless the origin was allowed with --allow-origin, which also turns on CORS headers for it.
+
+Connections: a request head must arrive within `header_timeout` seconds of the connection
+opening or the previous response (slowloris), an idle connection is closed after
+`keep_alive` seconds, at most `max_connections` are open (more are closed at once), and a
+head is at most `max_header_bytes`. Memory is bounded by max_in_flight * max_upload_bytes
+for bodies plus the decoding of `workers` + 1 images (hwrjax.preprocess bounds each).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import importlib.resources
+import io
 import ipaddress
+import math
 import os
+import queue
 import socket
 import sys
 import threading
 import time
-from typing import Any, Iterator
+import warnings
+from typing import Any, AsyncIterator, Iterator, Sequence
 
+import numpy as np
 from absl import logging
 
 try:
     import anyio
+    import h11
+    from PIL import Image
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
     raise ModuleNotFoundError(f"hwrjax serve needs {e.name}; install it with pip install 'hwrjax[serve]'",
                               name=e.name) from None
 
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
-from hwrjax.recognize import MODES, Recognizer, quiet_loading
+from hwrjax.recognize import MODES, Reading, Recognizer, quiet_loading
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "create_app", "serve_in_thread", "serve_main"]
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "Limits", "MicroBatcher", "create_app", "serve_in_thread",
+           "serve_main"]
 
-DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a large phone photo fits; the page sends ~10 KB
+DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a large phone photo fits; the page sends ~2 KB
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the image itself
+# Images of at most this many pixels (and LIGHT_BYTES) take the fast lane: the page's 640x256
+# canvas, tight crops, small scans. Larger ones (photos, hostile sizes) take the slow lane.
+LIGHT_PIXELS = 512 * 512
+LIGHT_BYTES = 1024 * 1024
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on the work, memory and connections of the service (defaults suit one machine)."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # largest accepted image; more is a 413
+    max_in_flight: int = 32  # readings being answered at once; more get a prompt 503
+    workers: int = 2  # threads preprocessing small images
+    heavy_queue: int = 2  # large images waiting for the one slow-lane thread; more get a 503
+    max_batch: int = 16  # digit crops per model call (a power of two, at least max_digits)
+    body_timeout: float = 10.0  # seconds to receive a whole upload; slower is a 408
+    header_timeout: float = 10.0  # seconds for a request head to arrive; slower connections are closed
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 256  # open connections; more are closed at once
+    max_header_bytes: int = 16 * 1024  # largest request line plus headers
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_in_flight", "workers", "heavy_queue", "max_batch", "max_connections",
+                     "max_header_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("body_timeout", "header_timeout", "keep_alive"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_batch & (self.max_batch - 1):
+            raise ValueError(f"max_batch must be a power of two (each is compiled once), got {self.max_batch}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,11 +121,15 @@ def _page() -> str:
     return (importlib.resources.files("hwrjax") / "static" / "index.html").read_text(encoding="utf-8")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _Busy(Exception):
     pass
 
 
@@ -99,18 +168,245 @@ async def _image_bytes(request: Request, body: bytes, limit: int) -> bytes:
         await form.close()
 
 
-def create_app(recognizer: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               workers: int | None = None) -> Starlette:
-    """The ASGI app serving `recognizer`: JSON API and drawing page."""
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be positive, got {max_upload_bytes}")
-    # Bounds memory (each decoded photo can be large) and CPU contention; the model call itself is locked.
-    workers = workers or max(2, os.cpu_count() or 2)
-    limiter = anyio.CapacityLimiter(workers)
+# ------------------------------------------------------------------------ batching and lanes
 
-    def read(data: bytes, mode: str) -> dict[str, Any]:
-        r = recognizer.read(data, mode)
-        return {"text": r.text, "digits": r.digits, "probabilities": r.probabilities, "latency_ms": r.latency_ms}
+
+class MicroBatcher:
+    """Classifies the crops of concurrent requests together: one model call for all that wait.
+
+    A worker thread takes every submission waiting when it is free, up to `max_batch` crops,
+    and classifies them in one `recognizer.classify` call (which pads to a power of two, so
+    only the sizes up to `max_batch` are ever compiled); each submission gets its own rows.
+    """
+
+    def __init__(self, recognizer: Recognizer, max_batch: int):
+        if max_batch < recognizer.max_digits or max_batch > recognizer.max_batch:
+            raise ValueError(f"max_batch must be in {recognizer.max_digits}..{recognizer.max_batch} (one number's "
+                             f"digits must fit one call), got {max_batch}")
+        self.recognizer = recognizer
+        self.max_batch = max_batch
+        self.batch_sizes: list[int] = []  # crops per model call, newest last (the last 1,000)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def submit(self, crops: np.ndarray) -> concurrent.futures.Future:
+        """Queues crops [k, 28, 28]; the future's result is their probabilities [k, classes]."""
+        if not 1 <= len(crops) <= self.max_batch:
+            raise ValueError(f"submit takes 1..{self.max_batch} crops, got {len(crops)}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((crops, future))
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="hwrjax-batcher")
+                self._thread.start()
+        return future
+
+    def waiting(self) -> int:
+        """Submissions queued and not yet taken by the worker."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Stops the worker after the submissions already queued."""
+        with self._start:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        carry = None
+        while True:
+            item = carry if carry is not None else self._queue.get()
+            carry = None
+            if item is None:
+                return
+            batch, size = [item], len(item[0])
+            while size < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or size + len(nxt[0]) > self.max_batch:
+                    carry = nxt
+                    break
+                batch.append(nxt)
+                size += len(nxt[0])
+            batch = [(crops, f) for crops, f in batch if f.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            try:
+                probs = self.recognizer.classify(np.concatenate([crops for crops, _ in batch]))
+            except Exception as e:  # Every waiting request gets the error; the worker lives on.
+                for _, f in batch:
+                    f.set_exception(e)
+                continue
+            self.batch_sizes = self.batch_sizes[-999:] + [len(probs)]
+            offset = 0
+            for crops, f in batch:
+                f.set_result(probs[offset:offset + len(crops)])
+                offset += len(crops)
+
+
+def _is_light(data: bytes) -> bool:
+    """True for uploads cheap to read: few bytes and, by the image header, few pixels."""
+    if len(data) > LIGHT_BYTES:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:  # Reads the header only.
+                w, h = im.size
+    except Image.DecompressionBombError:
+        return False
+    except Exception:  # Not an image Pillow knows: preprocessing refuses it at once.
+        return True
+    return w * h <= LIGHT_PIXELS
+
+
+def _lower_priority() -> None:
+    """Lowers the calling thread's CPU priority (Linux nice is per thread), so it yields to the fast lane."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class _Lanes:
+    """Preprocessing pools: `workers` threads for small images, one low-priority thread for large ones."""
+
+    def __init__(self, recognizer: Recognizer, limits: Limits):
+        self.recognizer = recognizer
+        self.limits = limits
+        self.heavy_waiting = 0
+        self._pools: tuple[concurrent.futures.Executor, concurrent.futures.Executor] | None = None
+
+    def _executors(self) -> tuple[concurrent.futures.Executor, concurrent.futures.Executor]:
+        if self._pools is None:  # Made on first use, so an app can be started again after close().
+            self._pools = (concurrent.futures.ThreadPoolExecutor(self.limits.workers, thread_name_prefix="hwrjax-prep"),
+                           concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hwrjax-prep-large",
+                                                                 initializer=_lower_priority))
+        return self._pools
+
+    def _prepare_light(self, data: bytes, mode: str) -> np.ndarray | None:
+        return self.recognizer.prepare(data, mode) if _is_light(data) else None
+
+    async def prepare(self, data: bytes, mode: str) -> np.ndarray:
+        """MNIST-form crops of an upload; raises ImageError, or _Busy when the slow lane is full."""
+        loop = asyncio.get_running_loop()
+        light, heavy = self._executors()
+        crops = await loop.run_in_executor(light, self._prepare_light, data, mode)
+        if crops is not None:
+            return crops
+        if self.heavy_waiting >= self.limits.heavy_queue:
+            raise _Busy("large images")
+        self.heavy_waiting += 1
+        try:
+            return await loop.run_in_executor(heavy, self.recognizer.prepare, data, mode)
+        finally:
+            self.heavy_waiting -= 1
+
+    def close(self) -> None:
+        """Stops the threads; work not started is dropped."""
+        pools, self._pools = self._pools, None
+        for pool in pools or ():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------ who may call
+
+
+def _host_name(value: str) -> str:
+    """The host part of a Host header or an Origin's authority: lower case, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class _Guard:
+    """ASGI middleware refusing foreign Host headers and cross-origin writes; CORS for allowed origins."""
+
+    def __init__(self, app: Any, host: str, allow_hosts: Sequence[str], allow_origins: Sequence[str]):
+        self.app = app
+        bound = _host_name(host)
+        self.any_ip = bound in ("", "0.0.0.0", "::")  # bound to every interface: any address literal names it
+        names = {bound, *(_host_name(h) for h in allow_hosts)}
+        if self.any_ip or _is_loopback(bound):
+            names.update(_LOOPBACK_NAMES)
+        self.hosts = frozenset(names - {""})
+        self.origins = frozenset(o.rstrip("/").lower() for o in allow_origins)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        name = _host_name(host)
+        if not (name in self.hosts or (self.any_ip and _is_ip(name))):
+            shown = host[:100]
+            return await _error(403, f"Host {shown!r} is not served here; use the server's own address, or start "
+                                     f"hwrjax serve with --allow-host={_host_name(shown) or 'NAME'}")(scope, receive, send)
+        origin = headers.get("origin", "").rstrip("/").lower()
+        own = origin == f"{scope.get('scheme', 'http')}://{host.strip().lower()}"
+        allowed = bool(origin) and origin in self.origins
+        method = scope["method"]
+        if method == "OPTIONS" and origin and "access-control-request-method" in headers:
+            if not allowed:
+                return await _error(403, f"cross-origin requests from {origin[:100]!r} are refused; start hwrjax "
+                                         "serve with --allow-origin=ORIGIN to allow one")(scope, receive, send)
+            preflight = Response(status_code=204, headers={
+                "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "GET, POST",
+                "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600", "Vary": "Origin"})
+            return await preflight(scope, receive, send)
+        if method not in _SAFE_METHODS:
+            cross = (origin and not own) or headers.get("sec-fetch-site") in ("cross-site", "same-site")
+            if cross and not allowed:
+                who = repr(origin[:100]) if origin else "another site"
+                return await _error(403, f"cross-origin requests from {who} are refused; start hwrjax serve with "
+                                         "--allow-origin=ORIGIN to allow one")(scope, receive, send)
+        if not allowed:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"access-control-allow-origin", origin.encode("latin-1")),
+                                                  (b"vary", b"Origin")]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+# ------------------------------------------------------------------------ the app
+
+
+def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: str = "127.0.0.1",
+               allow_hosts: Sequence[str] = (), allow_origins: Sequence[str] = ()) -> Starlette:
+    """The ASGI app serving `recognizer`: JSON API and drawing page, for a server bound to `host`."""
+    limits = limits or Limits()
+    for origin in allow_origins:
+        if not origin.startswith(("http://", "https://")) or origin.rstrip("/").count("/") != 2:
+            raise ValueError(f"an allowed origin is scheme://host[:port], like https://example.org; got {origin!r}")
+    batcher = MicroBatcher(recognizer, limits.max_batch)
+    lanes = _Lanes(recognizer, limits)
+    in_flight = 0
 
     async def page(request: Request) -> Response:
         return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
@@ -119,27 +415,50 @@ def create_app(recognizer: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         return JSONResponse({"status": "ok", "model": recognizer.name, "step": recognizer.step})
 
     async def recognize(request: Request) -> Response:
+        nonlocal in_flight
+        closing = {"Connection": "close"}  # for answers given before the whole body was read
+        if in_flight >= limits.max_in_flight:
+            return _error(503, f"busy: {limits.max_in_flight} readings in progress; retry in a second",
+                          {"Retry-After": "1", **closing})
+        in_flight += 1
+        try:
+            return await read(request, closing)
+        finally:
+            in_flight -= 1
+
+    async def read(request: Request, closing: dict[str, str]) -> Response:
         mode = request.query_params.get("mode", "number")
         if mode not in MODES:
-            return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", closing)
         try:
             multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
-            body = await _read_body(request, max_upload_bytes + (_FORM_OVERHEAD if multipart else 0))
-            data = await _image_bytes(request, body, max_upload_bytes) if multipart else body
+            with anyio.fail_after(limits.body_timeout):
+                body = await _read_body(request, limits.max_upload_bytes + (_FORM_OVERHEAD if multipart else 0))
+            data = await _image_bytes(request, body, limits.max_upload_bytes) if multipart else body
         except _TooLarge as e:
             size = f" ({e.args[0]:,} bytes)" if e.args[0] else ""
-            return _error(413, f"upload too large{size}; the limit is {max_upload_bytes:,} bytes")
+            return _error(413, f"upload too large{size}; the limit is {limits.max_upload_bytes:,} bytes", closing)
+        except TimeoutError:
+            return _error(408, f"the upload took over {limits.body_timeout:g} s; send it in one go", closing)
         except ClientDisconnect:
-            return Response(status_code=400)
-        if len(data) > max_upload_bytes:
-            return _error(413, f"image too large ({len(data):,} bytes); the limit is {max_upload_bytes:,} bytes")
+            return Response(status_code=400, headers=closing)
+        if len(data) > limits.max_upload_bytes:
+            return _error(413, f"image too large ({len(data):,} bytes); the limit is {limits.max_upload_bytes:,} bytes")
         if not data:
             return _error(400, "empty upload; POST the bytes of a PNG, JPEG or BMP image")
+        t0 = time.perf_counter()
         try:
-            result = await anyio.to_thread.run_sync(read, data, mode, limiter=limiter)
+            crops = await lanes.prepare(data, mode)
         except ImageError as e:
             return _error(400, str(e))
-        return JSONResponse(result)
+        except _Busy:
+            return _error(503, f"busy: {limits.heavy_queue} large images are waiting; retry in a second, or send a "
+                               f"smaller image (at most {LIGHT_PIXELS:,} pixels takes the fast lane)",
+                          {"Retry-After": "1"})
+        probs = await asyncio.wrap_future(batcher.submit(crops))
+        r = Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3)
+        return JSONResponse({"text": r.text, "digits": r.digits, "probabilities": r.probabilities,
+                             "latency_ms": r.latency_ms})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -148,12 +467,88 @@ def create_app(recognizer: Recognizer, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         logging.error("Unhandled error on %s %s: %r", request.method, request.url.path, exc)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            lanes.close()
+            await anyio.to_thread.run_sync(batcher.close)
+
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/api/health", health, methods=["GET"]),
         Route("/api/recognize", recognize, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    middleware=[Middleware(_Guard, host=host, allow_hosts=allow_hosts, allow_origins=allow_origins)],
+                    lifespan=lifespan)
+    app.state.limits = limits
+    app.state.batcher = batcher
+    app.state.lanes = lanes
+    return app
+
+
+# ------------------------------------------------------------------------ the server
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol plus a deadline for each request head and a cap on open connections."""
+
+    header_timeout = 10.0
+    max_connections = 256
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            logging.warning("Closing a new connection: %d are open already.", self.max_connections)
+            transport.close()
+            return
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE:
+            self._arm_head_timer()
+        elif self.conn.our_state is h11.DONE and self.conn.their_state is not h11.DONE:
+            self.transport.close()  # answered before the body was read: do not drain the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+
+def _uvicorn_config(app: Starlette, **kwargs: Any) -> Any:
+    """A uvicorn.Config for `app` with the connection limits of its `Limits` (app.state.limits)."""
+    import uvicorn
+
+    limits: Limits = app.state.limits
+    protocol = type("GuardedH11", (_GuardedH11,), {"header_timeout": float(limits.header_timeout),
+                                                    "max_connections": limits.max_connections})
+    return uvicorn.Config(app, http=protocol, ws="none", lifespan="on", timeout_keep_alive=limits.keep_alive,
+                          h11_max_incomplete_event_size=limits.max_header_bytes, **kwargs)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -175,7 +570,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Runs `app` under uvicorn in a background thread; yields its base URL, stops on exit.
 
     For tests, notebooks and benchmarks; port 0 picks a free port.
@@ -183,7 +578,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterato
     import uvicorn
 
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server = uvicorn.Server(_uvicorn_config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="hwrjax-serve")
     thread.start()
     try:
@@ -200,15 +595,9 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterato
         sock.close()
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def serve_main(argv: list[str]) -> int:
     """`hwrjax serve`: serves the model of a workdir over HTTP until interrupted."""
+    d = Limits()
     parser = argparse.ArgumentParser(
         prog="hwrjax serve",
         description="Serve a trained model: a JSON API (POST /api/recognize) and a page to draw digits on (GET /).")
@@ -216,14 +605,38 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also accept requests whose Host header is NAME (a DNS name of this machine); repeatable")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="let pages from ORIGIN (https://example.org) call the API, with CORS headers; repeatable")
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20,
                         help="largest accepted upload in MiB (default 16)")
+    parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                        help=f"readings answered at once; more get 503 (default {d.max_in_flight})")
+    parser.add_argument("--workers", type=int, default=d.workers,
+                        help=f"threads preprocessing small images (default {d.workers})")
+    parser.add_argument("--max-batch", type=int, default=d.max_batch,
+                        help=f"digits per model call, a power of two (default {d.max_batch})")
+    parser.add_argument("--timeout", type=float, default=d.body_timeout,
+                        help=f"seconds allowed for a request's head and for its body (default {d.body_timeout:g})")
+    parser.add_argument("--keep-alive", type=float, default=d.keep_alive,
+                        help=f"seconds an idle connection stays open (default {d.keep_alive:g})")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open connections; more are closed at once (default {d.max_connections})")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if args.max_upload_mb <= 0:
-        parser.error("--max-upload-mb must be positive")
+    if not args.max_upload_mb > 0 or not math.isfinite(args.max_upload_mb):
+        parser.error("--max-upload-mb must be a positive number")
+    try:
+        limits = Limits(max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)), max_in_flight=args.max_in_flight,
+                        workers=args.workers, max_batch=args.max_batch, body_timeout=args.timeout,
+                        header_timeout=args.timeout, keep_alive=args.keep_alive,
+                        max_connections=args.max_connections)
+    except ValueError as e:
+        flag = "--" + str(e).split()[0].replace("_", "-").replace("body-timeout", "timeout")
+        parser.error(f"{flag}: {e}")
 
     import uvicorn
 
@@ -233,20 +646,21 @@ def serve_main(argv: list[str]) -> int:
     try:
         with quiet_loading():
             recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+        app = create_app(recognizer, limits, host=args.host, allow_hosts=args.allow_host,
+                         allow_origins=args.allow_origin)
         sock = _bind(args.host, args.port)
-    except HwrjaxError as e:
+    except (HwrjaxError, ValueError) as e:
         sys.stderr.write(f"hwrjax serve: error: {e}\n")
         return 2
     if not _is_loopback(args.host):
         logging.warning("Listening on %s: other machines can reach this service; it has no authentication.",
                         args.host)
     t0 = time.perf_counter()
-    recognizer.warmup(16)
-    logging.info("Compiled batch sizes 1-16 in %.1f s.", time.perf_counter() - t0)
-    app = create_app(recognizer, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    recognizer.warmup(limits.max_batch)
+    logging.info("Compiled batch sizes 1-%d in %.1f s.", limits.max_batch, time.perf_counter() - t0)
     host, port = sock.getsockname()[:2]
     sys.stderr.write(f"hwrjax serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C to stop)\n")
-    config = uvicorn.Config(app, log_level="info", access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+    config = _uvicorn_config(app, log_level="info", access_log=not args.no_access_log, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -1,8 +1,10 @@
-"""Tests for hwrjax.serve: the JSON API, upload limits, errors, and concurrency.
+"""Tests for hwrjax.serve: the JSON API, upload limits, errors, who may call, batching and connections.
 
-The app runs under a real uvicorn on a free 127.0.0.1 port (in a thread); raw ASGI calls
-check that oversized bodies are refused before they are read. The model is untrained:
-results are compared with the Recognizer's own reading of the same bytes.
+Most tests drive the app in-process through httpx's ASGI transport (or raw ASGI calls, to
+count how much of a body the app pulled); a real uvicorn on a free 127.0.0.1 port (bound
+to port 0, so no race) is used where the transport matters: concurrency and connection
+timeouts. The model is untrained: results are compared with the Recognizer's own reading
+of the same bytes. Blocking is made deterministic with events, never with sleeps.
 """
 
 from __future__ import annotations
@@ -10,30 +12,33 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import socket
 import threading
 import time
+import urllib.parse
 
 import httpx
 import numpy as np
 import pytest
 
 from hwrjax.recognize import Recognizer
-from hwrjax.serve import create_app, serve_in_thread
+from hwrjax.serve import Limits, MicroBatcher, create_app, serve_in_thread
 from test_recognize import draw_digit, drawn_number, png_bytes, shared_untrained_workdir
 
 LIMIT = 200_000
+LOCAL = "http://127.0.0.1:8000"  # base URL of in-process requests: a Host the app accepts
 
 
 @pytest.fixture(scope="module")
 def recognizer(tmp_path_factory):
     rec = Recognizer.from_workdir(shared_untrained_workdir(tmp_path_factory))
-    rec.warmup(4)
+    rec.warmup(16)
     return rec
 
 
 @pytest.fixture(scope="module")
 def client(recognizer):
-    with serve_in_thread(create_app(recognizer, max_upload_bytes=LIMIT)) as url:
+    with serve_in_thread(create_app(recognizer, Limits(max_upload_bytes=LIMIT))) as url:
         with httpx.Client(base_url=url, timeout=60) as c:
             yield c
 
@@ -41,6 +46,34 @@ def client(recognizer):
 @pytest.fixture(scope="module")
 def number_png():
     return png_bytes(drawn_number([4, 0, 7]))
+
+
+def asgi_requests(app, *requests):
+    """Sends (method, path, kwargs) requests to `app` in-process, one after another; returns the responses."""
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOCAL) as c:
+            return [await c.request(method, path, **kwargs) for method, path, kwargs in requests]
+    return asyncio.run(run())
+
+
+class Blocked:
+    """Wraps a callable so that calls wait for `release`; `entered` counts calls that started."""
+
+    def __init__(self, fn, block_calls: int = 1):
+        self.fn, self.block_calls = fn, block_calls
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.calls += 1
+            block = self.calls <= self.block_calls
+        if block:
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the blocked call"
+        return self.fn(*args, **kwargs)
 
 
 def test_health_and_page(client):
@@ -95,6 +128,32 @@ def test_bad_uploads_are_400_json(client, body, needle):
     assert needle in r.json()["error"]
 
 
+def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
+    """An image over LIGHT_PIXELS is read in the slow lane with the same result as a direct read."""
+    from hwrjax.serve import LIGHT_PIXELS
+
+    big = np.full((600, 600), 255, np.uint8)
+    big[150:450, 280:320] = 0  # a thick "1"
+    assert big.size > LIGHT_PIXELS
+    data = png_bytes(big)
+    app = create_app(recognizer)
+    threads = []
+    prepare = recognizer.prepare
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return prepare(*args)
+
+    recognizer.prepare = spy
+    try:
+        (r,) = asgi_requests(app, ("POST", "/api/recognize", {"content": data}))
+    finally:
+        del recognizer.prepare
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == recognizer.read(data).text
+    assert threads and threads[0].startswith("hwrjax-prep-large")
+
+
 def test_oversized_uploads_are_413(client, number_png):
     big = b"\x89PNG" + b"\0" * (LIMIT + 10)
     r = client.post("/api/recognize", content=big)
@@ -127,7 +186,8 @@ def _call_app(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> t
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/api/recognize", "raw_path": b"/api/recognize", "query_string": b"",
-             "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+             "root_path": "", "headers": [(b"host", b"127.0.0.1:8000"), *headers], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8000)}
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -135,7 +195,7 @@ def _call_app(app, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> t
 
 
 def test_oversized_bodies_are_refused_before_reading_them(recognizer):
-    app = create_app(recognizer, max_upload_bytes=LIMIT)
+    app = create_app(recognizer, Limits(max_upload_bytes=LIMIT))
     chunks = [b"\0" * 50_000] * 100  # 5 MB, streamed without Content-Length
     status, body, pulled = _call_app(app, [(b"content-type", b"image/png")], chunks)
     assert status == 413 and "limit" in body["error"]
@@ -145,11 +205,162 @@ def test_oversized_bodies_are_refused_before_reading_them(recognizer):
     assert (status, pulled) == (413, 0)
 
 
+# ---------------------------------------------------------------- who may call
+
+
+def test_foreign_host_is_refused_before_any_work(recognizer, number_png):
+    app = create_app(recognizer)
+    spy = Blocked(recognizer.prepare, block_calls=0)
+    recognizer.prepare = spy
+    try:
+        responses = asgi_requests(
+            app,
+            ("POST", "/api/recognize", {"content": number_png, "headers": {"host": "evil.example"}}),
+            ("GET", "/api/health", {"headers": {"host": "evil.example:8000"}}),  # DNS rebinding: a name of theirs
+            ("GET", "/", {"headers": {"host": "127.0.0.1.evil.example"}}),
+            ("GET", "/api/health", {"headers": {"host": "localhost:8000"}}),
+            ("GET", "/api/health", {"headers": {"host": "[::1]:8000"}}),
+        )
+    finally:
+        del recognizer.prepare
+    assert [r.status_code for r in responses] == [403, 403, 403, 200, 200]
+    assert "--allow-host" in responses[0].json()["error"]
+    assert spy.calls == 0
+
+    named = create_app(recognizer, host="192.0.2.7", allow_hosts=["digits.example"])
+    ok, other, loop = asgi_requests(named, ("GET", "/api/health", {"headers": {"host": "digits.example"}}),
+                                    ("GET", "/api/health", {"headers": {"host": "192.0.2.8"}}),
+                                    ("GET", "/api/health", {"headers": {"host": "localhost"}}))
+    assert (ok.status_code, other.status_code, loop.status_code) == (200, 403, 403)
+
+
+def test_cross_origin_posts_are_refused(recognizer, number_png):
+    app = create_app(recognizer)
+    spy = Blocked(recognizer.prepare, block_calls=0)
+    recognizer.prepare = spy
+    try:
+        text_plain, no_origin_cross, preflight, same_origin = asgi_requests(
+            app,
+            # The "simple request" a foreign page can send without a preflight.
+            ("POST", "/api/recognize", {"content": number_png, "headers": {
+                "origin": "https://evil.example", "content-type": "text/plain", "sec-fetch-site": "cross-site"}}),
+            ("POST", "/api/recognize", {"content": number_png, "headers": {"sec-fetch-site": "cross-site"}}),
+            ("OPTIONS", "/api/recognize", {"headers": {"origin": "https://evil.example",
+                                                       "access-control-request-method": "POST"}}),
+            # The drawing page: same origin (browsers send Origin with every POST).
+            ("POST", "/api/recognize", {"content": number_png, "headers": {
+                "origin": LOCAL, "content-type": "image/png", "sec-fetch-site": "same-origin"}}),
+        )
+    finally:
+        del recognizer.prepare
+    assert text_plain.status_code == 403 and "--allow-origin" in text_plain.json()["error"]
+    assert no_origin_cross.status_code == 403
+    assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+    assert same_origin.status_code == 200 and "access-control-allow-origin" not in same_origin.headers
+    assert spy.calls == 1  # only the same-origin request was read
+
+
+def test_allowed_origin_gets_cors(recognizer, number_png):
+    origin = "https://digits.example"
+    app = create_app(recognizer, allow_origins=[origin])
+    preflight, post, other = asgi_requests(
+        app,
+        ("OPTIONS", "/api/recognize", {"headers": {"origin": origin, "access-control-request-method": "POST",
+                                                   "access-control-request-headers": "content-type"}}),
+        ("POST", "/api/recognize?mode=digit", {"content": number_png, "headers": {
+            "origin": origin, "content-type": "text/plain", "sec-fetch-site": "cross-site"}}),
+        ("POST", "/api/recognize", {"content": number_png, "headers": {"origin": "https://other.example"}}),
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == origin
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
+    assert post.status_code == 200 and post.headers["access-control-allow-origin"] == origin
+    assert len(post.json()["digits"]) == 1
+    assert other.status_code == 403
+    with pytest.raises(ValueError, match="scheme://host"):
+        create_app(recognizer, allow_origins=["digits.example"])
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_requests_beyond_the_in_flight_limit_get_a_prompt_503(recognizer, number_png, monkeypatch):
+    blocked = Blocked(recognizer.prepare)
+    monkeypatch.setattr(recognizer, "prepare", blocked)
+    app = create_app(recognizer, Limits(max_in_flight=1))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOCAL) as c:
+            first = asyncio.create_task(c.post("/api/recognize", content=number_png))
+            assert await asyncio.to_thread(blocked.entered.wait, 60)  # the first reading is now in flight
+            second = await c.post("/api/recognize", content=number_png)
+            health = await c.get("/api/health")
+            blocked.release.set()
+            return await first, second, health, await c.post("/api/recognize", content=number_png)
+
+    first, second, health, third = asyncio.run(run())
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert "busy" in second.json()["error"]
+    assert health.status_code == 200  # only readings count
+    assert first.status_code == 200 and third.status_code == 200
+    assert blocked.calls == 2  # the refused request was never preprocessed
+
+
+def test_batched_readings_equal_single_readings(recognizer, number_png, monkeypatch):
+    images = [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] + [number_png, png_bytes(drawn_number([1, 7]))]
+    want = [recognizer.read(data) for data in images]
+    classify = Blocked(recognizer.classify)
+    monkeypatch.setattr(recognizer, "classify", classify)
+    app = create_app(recognizer, Limits(workers=2))
+    batcher: MicroBatcher = app.state.batcher
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LOCAL) as c:
+            # The first reading holds the model; the others queue up behind it and go in one call.
+            first = asyncio.create_task(c.post("/api/recognize", content=images[0]))
+            assert await asyncio.to_thread(classify.entered.wait, 60)
+            rest = [asyncio.create_task(c.post("/api/recognize", content=data)) for data in images[1:]]
+            while batcher.waiting() < len(rest):
+                await asyncio.sleep(0.01)
+            classify.release.set()
+            return [await first] + [await r for r in rest]
+
+    got = asyncio.run(run())
+    assert batcher.batch_sizes == [1, sum(len(w.digits) for w in want[1:])]
+    assert classify.calls == 2
+    for r, w in zip(got, want):
+        assert r.status_code == 200, r.text
+        assert r.json()["digits"] == w.digits
+        np.testing.assert_allclose(r.json()["probabilities"], w.probabilities, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batcher_bounds(recognizer):
+    with pytest.raises(ValueError, match="one number's digits"):
+        MicroBatcher(recognizer, recognizer.max_digits - 1)
+    batcher = MicroBatcher(recognizer, 16)
+    with pytest.raises(ValueError, match="1..16 crops"):
+        batcher.submit(np.zeros((17, 28, 28), np.float32))
+    crops = np.stack([draw_digit(d).astype(np.float32) / 255 for d in (0, 1, 4)])
+    np.testing.assert_allclose(batcher.submit(crops).result(60), recognizer.classify(crops), rtol=1e-5, atol=1e-6)
+    batcher.close()
+
+
+@pytest.mark.parametrize("field, value", [("max_in_flight", 0), ("workers", -1), ("max_batch", 12),
+                                          ("body_timeout", float("nan")), ("keep_alive", 0), ("max_batch", True)])
+def test_limits_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        Limits(**{field: value})
+
+
+# ---------------------------------------------------------------- a real server
+
+
 def test_real_server_concurrent_requests_and_errors(recognizer, number_png):
     good = [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] + [number_png]
     expected = {body: recognizer.read(body).text for body in good}
     jobs = [(good[i % len(good)], 200) for i in range(30)] + [(b"junk %d" % i, 400) for i in range(6)]
-    with serve_in_thread(create_app(recognizer, max_upload_bytes=LIMIT)) as url:
+    with serve_in_thread(create_app(recognizer, Limits(max_upload_bytes=LIMIT))) as url:
         def post(job):
             body, want = job
             with httpx.Client(base_url=url, timeout=60) as c:
@@ -172,21 +383,84 @@ def test_real_server_concurrent_requests_and_errors(recognizer, number_png):
 
 
 def test_inference_does_not_block_the_event_loop(recognizer, number_png, monkeypatch):
-    release = threading.Event()
-    read = recognizer.read
-
-    def slow_read(data, mode="number"):
-        release.wait(timeout=30)
-        return read(data, mode)
-
-    monkeypatch.setattr(recognizer, "read", slow_read)
+    blocked = Blocked(recognizer.prepare)
+    monkeypatch.setattr(recognizer, "prepare", blocked)
     with serve_in_thread(create_app(recognizer)) as url:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, url + "/api/recognize", content=number_png, timeout=60)
-            time.sleep(0.3)  # the slow request is now waiting inside a worker thread
-            t0 = time.perf_counter()
-            assert httpx.get(url + "/api/health", timeout=10).status_code == 200
-            assert time.perf_counter() - t0 < 2.0
+            assert blocked.entered.wait(60)  # the slow request is now waiting inside a worker thread
+            assert httpx.get(url + "/api/health", timeout=30).status_code == 200
             assert not pending.done()
-            release.set()
+            blocked.release.set()
             assert pending.result().status_code == 200
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=60)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, trickle: bytes = b"") -> bool:
+    """Waits (sending `trickle` a byte at a time, if given) until the server closes; False after 60 s."""
+    sock.settimeout(0.1 if trickle else 60)
+    for i in range(600 if trickle else 1):
+        if trickle:
+            try:
+                sock.sendall(trickle[i % len(trickle):i % len(trickle) + 1])
+            except OSError:
+                return True  # reset by the server
+        try:
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_idle_and_slow_connections_are_closed_by_the_server(recognizer):
+    limits = Limits(header_timeout=0.5, keep_alive=0.3, body_timeout=0.5)
+    with serve_in_thread(create_app(recognizer, limits)) as url:
+        host = urllib.parse.urlsplit(url).netloc.encode()
+        with _connect(url) as idle:  # connects and never sends a byte
+            assert _closed_by_server(idle)
+        with _connect(url) as slowloris:  # sends a request head one byte at a time, forever
+            assert _closed_by_server(slowloris, trickle=b"GET /api/health HTTP/1.1\r\nX-Pad: " + b"a" * 10_000)
+        with _connect(url) as kept:  # one answered request, then silence on the kept-alive connection
+            kept.sendall(b"GET /api/health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert b"200 OK" in kept.recv(4096)
+            assert _closed_by_server(kept)
+        with _connect(url) as slow_body:  # a head announcing a body that never comes: 408, then closed
+            slow_body.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: " + host +
+                              b"\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n\x89PNG")
+            slow_body.settimeout(60)
+            reply = b""
+            while chunk := slow_body.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408") and b"upload took over" in reply
+        with httpx.Client(base_url=url, timeout=60) as c:  # and it still serves
+            assert c.get("/api/health").status_code == 200
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(recognizer):
+    with serve_in_thread(create_app(recognizer, Limits(max_connections=2, header_timeout=60))) as url:
+        held = [_connect(url) for _ in range(2)]
+        try:
+            with _connect(url) as extra:
+                assert _closed_by_server(extra)
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 60
+        while True:  # the server notices the two closed connections, then serves again
+            try:
+                if httpx.get(url + "/api/health", timeout=60).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never served again after the cap was freed"
+            time.sleep(0.05)
