@@ -1,15 +1,27 @@
-"""Load test of `hwrjax serve`: N requests of one digit photo each from C concurrent clients.
+"""Load test of `hwrjax serve`: latency and throughput for 1 and 8 clients, quiet and under attack.
 
-  python benchmarks/serve_load.py --workdir=runs/resnet                 # starts its own server
-  python benchmarks/serve_load.py --url=http://127.0.0.1:8000 --requests=1000 --concurrency=8
+  python benchmarks/serve_load.py --workdir=runs/resnet                   # 1 then 8 clients, quiet
+  python benchmarks/serve_load.py --workdir=runs/resnet --hostile         # each also under attack
+  python benchmarks/serve_load.py --url=http://127.0.0.1:8000 --concurrency=8 --requests=2000
 
 With --workdir the program starts `hwrjax serve --port=0` on 127.0.0.1 as a subprocess
 (so clients and server do not share a GIL), waits until it has compiled, and stops it
-at the end. Only loopback addresses are accepted. Each request POSTs one of ten
-synthetic photos of a printed digit (rendered by hwrjax.synth, ~340 px square PNG) to
-/api/recognize?mode=digit. Reports errors, client-side latency percentiles, the
-server's own latency_ms, and requests per second. The run stops after --requests
-requests or --max_seconds, whichever comes first.
+at the end. Only loopback addresses are accepted. Each client is a thread with one
+keep-alive connection sending requests back to back.
+
+--images=drawing (default) sends what the drawing page sends: a digit drawn with the
+page's pen on its 640x256 canvas, downscaled as the page does (hwrjax/static/index.html,
+UPLOAD_SCALE) to a 160x64 PNG, in the page's default mode (number). --images=photo sends
+~340 px synthetic photos of printed digits (hwrjax.synth) instead.
+
+--hostile repeats each phase while attackers run alongside the normal clients:
+  * --bombs threads each POST, back to back, one of: a decompression bomb (a 30000x30000
+    PNG of a few KB), a plain 6300x6300 RGBA PNG under the pixel limit, and a 2x5000 PNG
+    holding one 1-px line (thin-stroke thickening);
+  * --slowloris connections each sending a request head one byte every 0.5 s, reopened
+    when the server closes them;
+  * --idle connections opened and left silent, reopened when closed.
+It reports the normal clients' figures quiet and hostile side by side, with the p99 ratio.
 """
 
 from __future__ import annotations
@@ -20,11 +32,14 @@ import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
+import zlib
 
 import httpx
 import numpy as np
@@ -38,12 +53,48 @@ from hwrjax import synth  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "Start a server for this training workdir (else use --url).")
 flags.DEFINE_string("url", "", "Base URL of a running server on this machine, e.g. http://127.0.0.1:8000.")
-flags.DEFINE_integer("requests", 1000, "Timed requests in total.")
-flags.DEFINE_integer("concurrency", 8, "Concurrent clients (threads, one keep-alive connection each).")
-flags.DEFINE_enum("mode", "digit", ["digit", "number"], "Query mode sent to /api/recognize.")
-flags.DEFINE_integer("warmup", 16, "Untimed requests sent first.")
-flags.DEFINE_float("max_seconds", 600, "Stop sending after this long.")
+flags.DEFINE_list("concurrency", ["1", "8"], "Concurrent clients of each phase, run one after another.")
+flags.DEFINE_integer("requests", 1000, "Timed requests per phase.")
+flags.DEFINE_enum("images", "drawing", ["drawing", "photo"], "What the clients send (see the module docstring).")
+flags.DEFINE_enum("mode", "number", ["digit", "number"], "Query mode sent to /api/recognize.")
+flags.DEFINE_integer("warmup", 32, "Untimed requests sent before each phase.")
+flags.DEFINE_float("max_seconds", 300, "Stop a phase after this long.")
+flags.DEFINE_bool("hostile", False, "Also run each phase under attack and compare.")
+flags.DEFINE_integer("bombs", 2, "Attacker threads posting hostile images (with --hostile).")
+flags.DEFINE_integer("slowloris", 50, "Connections trickling a request head (with --hostile).")
+flags.DEFINE_integer("idle", 200, "Silent connections held open (with --hostile).")
+flags.DEFINE_list("server_flags", [], "Extra flags for `hwrjax serve` (with --workdir), e.g. --max-batch=32.")
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
+
+CANVAS = (640, 256)  # the page's canvas (width, height) and pen width, as in hwrjax/static/index.html
+PEN = 16
+UPLOAD_SCALE = 4
+
+
+def page_drawings(seed: int = 0) -> list[bytes]:
+    """PNGs of the digits 0-9 as the page uploads them: drawn with its pen, downscaled by UPLOAD_SCALE."""
+    rng = np.random.default_rng(seed)
+    drawings = []
+    for d in range(10):
+        size = int(rng.integers(150, 230))
+        glyph = Image.new("L", (size, size), 0)
+        font = ImageFont.load_default(size=size)
+        ImageDraw.Draw(glyph).text((size // 2, size // 2), str(d), fill=255, font=font, anchor="mm")
+        # Keep the glyph's skeleton-ish centre line and redraw it with the page's round pen.
+        ys, xs = np.nonzero(np.asarray(glyph) > 128)
+        canvas = Image.new("L", CANVAS, 255)
+        draw = ImageDraw.Draw(canvas)
+        x0 = int(rng.integers(PEN, CANVAS[0] - size - PEN))
+        y0 = int(rng.integers(0, max(1, CANVAS[1] - size)))
+        keep = rng.random(len(xs)) < 0.02
+        for x, y in zip(xs[keep], ys[keep]):
+            draw.ellipse((x0 + x - PEN / 2, y0 + y - PEN / 2, x0 + x + PEN / 2, y0 + y + PEN / 2), fill=17)
+        small = canvas.resize((CANVAS[0] // UPLOAD_SCALE, CANVAS[1] // UPLOAD_SCALE), Image.Resampling.BILINEAR,
+                              reducing_gap=None)
+        buf = io.BytesIO()
+        small.save(buf, format="PNG")
+        drawings.append(buf.getvalue())
+    return drawings
 
 
 def digit_photos(seed: int = 0) -> list[bytes]:
@@ -61,6 +112,26 @@ def digit_photos(seed: int = 0) -> list[bytes]:
     return photos
 
 
+def _png(width: int, height: int, color_type: int, bit_depth: int, rows: bytes) -> bytes:
+    """A PNG of the given header holding the (filter-byte prefixed) `rows`, compressed at level 9."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+def hostile_images() -> list[bytes]:
+    """A decompression bomb, a huge plain image under the pixel limit, and a long 1-px line."""
+    bomb = _png(30000, 30000, 0, 1, (b"\0" + b"\0" * (30000 // 8)) * 30000)
+    big = _png(6300, 6300, 6, 8, (b"\0" + b"\xff" * (6300 * 4)) * 6300)
+    line = np.full((5000, 2), 255, np.uint8)
+    line[100:4900, 0] = 0
+    buf = io.BytesIO()
+    Image.fromarray(line).save(buf, format="PNG")
+    return [bomb, big, buf.getvalue()]
+
+
 def _check_loopback(url: str) -> None:
     host = urllib.parse.urlsplit(url).hostname or ""
     try:
@@ -74,7 +145,7 @@ def _check_loopback(url: str) -> None:
 def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
     """Starts `hwrjax serve` on a free 127.0.0.1 port; returns the process and its base URL."""
     cmd = [sys.executable, "-m", "hwrjax.cli", "serve", f"--workdir={workdir}", "--host=127.0.0.1", "--port=0",
-           "--no-access-log"]
+           "--no-access-log", *FLAGS.server_flags]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 600
     for line in proc.stderr:
@@ -93,12 +164,16 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def run_load(url: str, photos: list[bytes]) -> dict:
-    """Sends the requests; returns the figures."""
+def _pct(a: list[float], q: float) -> float | None:
+    return round(float(np.percentile(a, q)), 2) if len(a) else None
+
+
+def run_phase(url: str, images: list[bytes], concurrency: int) -> dict:
+    """`concurrency` clients send FLAGS.requests requests in all; returns the figures."""
     endpoint = f"{url}/api/recognize?mode={FLAGS.mode}"
     with httpx.Client(timeout=60) as c:
         for i in range(FLAGS.warmup):
-            c.post(endpoint, content=photos[i % len(photos)])
+            c.post(endpoint, content=images[i % len(images)])
 
     lock = threading.Lock()
     next_index = [0]
@@ -115,7 +190,7 @@ def run_load(url: str, photos: list[bytes]) -> dict:
                     next_index[0] += 1
                 t0 = time.perf_counter()
                 try:
-                    r = c.post(endpoint, content=photos[i % len(photos)])
+                    r = c.post(endpoint, content=images[i % len(images)])
                     ok = r.status_code == 200
                     body = r.json()
                 except (httpx.HTTPError, ValueError) as e:
@@ -123,22 +198,90 @@ def run_load(url: str, photos: list[bytes]) -> dict:
                 elapsed = (time.perf_counter() - t0) * 1e3
                 with lock:
                     latencies.append(elapsed)
-                    if ok and len(body.get("digits", [])) == 1:
+                    if ok and body.get("digits"):
                         server_ms.append(body["latency_ms"])
                     else:
                         errors.append(body.get("error", f"unexpected reply {body}"))
 
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.concurrency) as pool:
-        for f in [pool.submit(client) for _ in range(FLAGS.concurrency)]:
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - start
-    lat = np.asarray(latencies)
-    pct = lambda a, q: round(float(np.percentile(a, q)), 2) if len(a) else None  # noqa: E731
-    return {"requests": len(latencies), "concurrency": FLAGS.concurrency, "errors": len(errors),
-            "first_errors": errors[:3], "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
-            "max_ms": pct(lat, 100), "server_p50_ms": pct(server_ms, 50), "server_p99_ms": pct(server_ms, 99),
-            "requests_per_s": round(len(latencies) / wall, 1), "wall_s": round(wall, 1)}
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "first_errors": errors[:3], "p50_ms": _pct(latencies, 50), "p90_ms": _pct(latencies, 90),
+            "p99_ms": _pct(latencies, 99), "max_ms": _pct(latencies, 100), "server_p50_ms": _pct(server_ms, 50),
+            "server_p99_ms": _pct(server_ms, 99), "readings_per_s": round(len(server_ms) / wall, 1),
+            "wall_s": round(wall, 1)}
+
+
+class Attack:
+    """Hostile images, slowloris heads and idle connections against the server until stopped."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlsplit(url)
+        self.address = (parts.hostname, parts.port)
+        self.url = url
+        self.images = hostile_images()
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _bombs(self, k: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            i = k
+            while not self.stop.is_set():
+                try:
+                    r = c.post(f"{self.url}/api/recognize", content=self.images[i % len(self.images)])
+                    self._count(f"image_{r.status_code}")
+                except httpx.HTTPError:
+                    self._count("image_failed")
+                i += 1
+
+    def _connection(self, trickle: bool) -> None:
+        head = b"POST /api/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 4000
+        while not self.stop.is_set():
+            try:
+                sock = socket.create_connection(self.address, timeout=1)
+            except OSError:
+                self._count("connect_failed")
+                self.stop.wait(0.5)
+                continue
+            self._count("slowloris_opened" if trickle else "idle_opened")
+            with sock:
+                i = 0
+                while not self.stop.is_set():
+                    try:
+                        if trickle:
+                            sock.sendall(head[i % len(head):i % len(head) + 1])
+                            i += 1
+                        sock.settimeout(0.5)
+                        if sock.recv(1024) == b"":
+                            break  # closed by the server: open another
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+
+    def __enter__(self) -> "Attack":
+        targets = [(self._bombs, (k,)) for k in range(FLAGS.bombs)]
+        targets += [(self._connection, (True,))] * FLAGS.slowloris + [(self._connection, (False,))] * FLAGS.idle
+        for target, args in targets:
+            t = threading.Thread(target=target, args=args, daemon=True)
+            t.start()
+            self.threads.append(t)
+        time.sleep(2.0)  # let the connections pile up before measuring
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=65)
 
 
 def main(argv: list[str]) -> None:
@@ -146,17 +289,35 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if bool(FLAGS.workdir) == bool(FLAGS.url):
         raise app.UsageError("pass exactly one of --workdir (start a server) and --url (use a running one)")
+    try:
+        levels = [int(c) for c in FLAGS.concurrency]
+    except ValueError:
+        raise app.UsageError(f"--concurrency takes whole numbers, got {FLAGS.concurrency}") from None
+    if not levels or min(levels) < 1 or FLAGS.requests < 1:
+        raise app.UsageError("--concurrency values and --requests must be at least 1")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
-    photos = digit_photos()
+    images = page_drawings() if FLAGS.images == "drawing" else digit_photos()
     proc = None
+    figures: dict = {"images": FLAGS.images, "mode": FLAGS.mode,
+                     "image_bytes": int(np.mean([len(p) for p in images])), "phases": []}
     try:
         if FLAGS.workdir:
             proc, url = start_server(FLAGS.workdir)
         else:
             url = FLAGS.url.rstrip("/")
             _check_loopback(url)
-        figures = {"url": url, "mode": FLAGS.mode, "image_bytes": int(np.mean([len(p) for p in photos])),
-                   **run_load(url, photos)}
+        figures["url"] = url
+        for level in levels:
+            quiet = run_phase(url, images, level)
+            figures["phases"].append({"attack": False, **quiet})
+            print(json.dumps(figures["phases"][-1]), flush=True)
+            if FLAGS.hostile:
+                with Attack(url) as attack:
+                    hostile = run_phase(url, images, level)
+                    counts = dict(attack.counts)
+                figures["phases"].append({"attack": True, **hostile, "attack_counts": counts,
+                                          "p99_ratio": round(hostile["p99_ms"] / quiet["p99_ms"], 2)})
+                print(json.dumps(figures["phases"][-1]), flush=True)
     finally:
         if proc is not None:
             proc.terminate()
@@ -164,7 +325,12 @@ def main(argv: list[str]) -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    print(json.dumps(figures, indent=1))
+    rows = [("clients", "attack", "p50 ms", "p99 ms", "server p50", "server p99", "readings/s", "errors")]
+    for p in figures["phases"]:
+        rows.append((str(p["concurrency"]), "yes" if p["attack"] else "no", str(p["p50_ms"]), str(p["p99_ms"]),
+                     str(p["server_p50_ms"]), str(p["server_p99_ms"]), str(p["readings_per_s"]), str(p["errors"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows))
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:
             json.dump(figures, f, indent=1)

@@ -92,8 +92,8 @@ def wait_for_reading(driver) -> str:
 
 
 def api_reading(driver, server, mode) -> str:
-    """POSTs the page's own canvas (as PNG) to the API and returns the text read."""
-    url = driver.execute_script("return document.getElementById('pad').toDataURL('image/png');")
+    """POSTs the image the page itself sends (its canvas, downscaled) to the API; returns the text read."""
+    url = driver.execute_script("return window.hwrjaxUploadCanvas().toDataURL('image/png');")
     png = base64.b64decode(url.split(",", 1)[1])
     r = httpx.post(f"{server}/api/recognize?mode={mode}", content=png, timeout=60)
     assert r.status_code == 200, r.text
