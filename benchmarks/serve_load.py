@@ -164,12 +164,26 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) used so far by process `pid` (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(a: list[float], q: float) -> float | None:
     return round(float(np.percentile(a, q)), 2) if len(a) else None
 
 
-def run_phase(url: str, images: list[bytes], concurrency: int) -> dict:
-    """`concurrency` clients send FLAGS.requests requests in all; returns the figures."""
+def run_phase(url: str, images: list[bytes], concurrency: int, server_pid: int | None) -> dict:
+    """`concurrency` clients send FLAGS.requests requests in all; returns the figures.
+
+    CPU time per reading (server and these clients) is reported too: on a machine shared with
+    other work it tells what the service costs whatever share of the cores it got.
+    """
     endpoint = f"{url}/api/recognize?mode={FLAGS.mode}"
     with httpx.Client(timeout=60) as c:
         for i in range(FLAGS.warmup):
@@ -203,16 +217,22 @@ def run_phase(url: str, images: list[bytes], concurrency: int) -> dict:
                     else:
                         errors.append(body.get("error", f"unexpected reply {body}"))
 
+    server_cpu, client_cpu = _cpu_seconds(server_pid), sum(os.times()[:2])
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - start
+    client_cpu = sum(os.times()[:2]) - client_cpu
+    if server_cpu is not None:
+        server_cpu = _cpu_seconds(server_pid) - server_cpu
+    per = lambda cpu: round(cpu * 1e3 / max(1, len(latencies)), 2) if cpu is not None else None  # noqa: E731
     return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
             "first_errors": errors[:3], "p50_ms": _pct(latencies, 50), "p90_ms": _pct(latencies, 90),
             "p99_ms": _pct(latencies, 99), "max_ms": _pct(latencies, 100), "server_p50_ms": _pct(server_ms, 50),
             "server_p99_ms": _pct(server_ms, 99), "readings_per_s": round(len(server_ms) / wall, 1),
-            "wall_s": round(wall, 1)}
+            "wall_s": round(wall, 1), "server_cpu_ms_per_request": per(server_cpu),
+            "client_cpu_ms_per_request": per(client_cpu), "load_average": round(os.getloadavg()[0], 1)}
 
 
 class Attack:
@@ -308,12 +328,13 @@ def main(argv: list[str]) -> None:
             _check_loopback(url)
         figures["url"] = url
         for level in levels:
-            quiet = run_phase(url, images, level)
+            pid = proc.pid if proc is not None else None
+            quiet = run_phase(url, images, level, pid)
             figures["phases"].append({"attack": False, **quiet})
             print(json.dumps(figures["phases"][-1]), flush=True)
             if FLAGS.hostile:
                 with Attack(url) as attack:
-                    hostile = run_phase(url, images, level)
+                    hostile = run_phase(url, images, level, pid)
                     counts = dict(attack.counts)
                 figures["phases"].append({"attack": True, **hostile, "attack_counts": counts,
                                           "p99_ratio": round(hostile["p99_ms"] / quiet["p99_ms"], 2)})
@@ -325,10 +346,12 @@ def main(argv: list[str]) -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    rows = [("clients", "attack", "p50 ms", "p99 ms", "server p50", "server p99", "readings/s", "errors")]
+    rows = [("clients", "attack", "p50 ms", "p99 ms", "server p50", "server p99", "readings/s", "server cpu ms",
+             "errors", "load")]
     for p in figures["phases"]:
         rows.append((str(p["concurrency"]), "yes" if p["attack"] else "no", str(p["p50_ms"]), str(p["p99_ms"]),
-                     str(p["server_p50_ms"]), str(p["server_p99_ms"]), str(p["readings_per_s"]), str(p["errors"])))
+                     str(p["server_p50_ms"]), str(p["server_p99_ms"]), str(p["readings_per_s"]),
+                     str(p["server_cpu_ms_per_request"]), str(p["errors"]), str(p["load_average"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows))
     if FLAGS.output:
