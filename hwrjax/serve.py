@@ -403,7 +403,8 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
     limits = limits or Limits()
     for origin in allow_origins:
         if not origin.startswith(("http://", "https://")) or origin.rstrip("/").count("/") != 2:
-            raise ValueError(f"an allowed origin is scheme://host[:port], like https://example.org; got {origin!r}")
+            raise ValueError(f"an allowed origin (--allow-origin) is scheme://host[:port], like https://example.org; "
+                             f"got {origin!r}")
     batcher = MicroBatcher(recognizer, limits.max_batch)
     lanes = _Lanes(recognizer, limits)
     in_flight = 0
@@ -634,9 +635,10 @@ def serve_main(argv: list[str]) -> int:
                         workers=args.workers, max_batch=args.max_batch, body_timeout=args.timeout,
                         header_timeout=args.timeout, keep_alive=args.keep_alive,
                         max_connections=args.max_connections)
-    except ValueError as e:
-        flag = "--" + str(e).split()[0].replace("_", "-").replace("body-timeout", "timeout")
-        parser.error(f"{flag}: {e}")
+    except ValueError as e:  # "field must ..." said of the flag that set it
+        field, _, rest = str(e).partition(" ")
+        flags = {"max_upload_bytes": "--max-upload-mb", "body_timeout": "--timeout", "header_timeout": "--timeout"}
+        parser.error(f"{flags.get(field, '--' + field.replace('_', '-'))} {rest}")
 
     import uvicorn
 
