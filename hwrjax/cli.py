@@ -1,4 +1,4 @@
-"""The `hwrjax` command: evaluate, compare, predict, serve, export, finetune."""
+"""The `hwrjax` command: evaluate, compare, calibrate, predict, serve, export, finetune."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "evaluate": ("hwrjax.evaluate:evaluate_main", "metrics, plots, TTA and ensembles of trained runs"),
     "compare": ("hwrjax.evaluate:compare_main", "a side-by-side table of several workdirs"),
+    "calibrate": ("hwrjax.evaluate:calibrate_main", "fit the temperature that calibrates a run's probabilities"),
     "predict": ("hwrjax.recognize:predict_main", "read digits and numbers from image files"),
     "serve": ("hwrjax.serve:serve_main", "an HTTP service and a page to draw digits on"),
     "export": ("hwrjax.export:export_main", "serialize a trained model (stablehlo, savedmodel, tflite)"),

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import jax
@@ -32,16 +32,22 @@ import numpy as np
 from absl import logging
 
 from hwrjax import augment as augment_lib
+from hwrjax import calibration as calibration_lib
 from hwrjax import checkpoint as checkpoint_lib
+from hwrjax import labelled as labelled_lib
 from hwrjax import metrics as metrics_lib
 from hwrjax import models as models_lib
 from hwrjax.errors import CheckpointError, DataError, HwrjaxError
+from hwrjax.logs import write_json_atomic
 
 IMAGE_SHAPE = (28, 28, 1)
 # Mild ranges: a digit stays clearly itself under every view.
 TTA_AUGMENT = augment_lib.AugmentParams(rotation_deg=8.0, scale=0.08, translate_px=1.5)
 TTA_SEED = 0
 SPLIT_ALIASES = ("test", "validation", "train")
+# Confidence thresholds of the coverage table: the share of readings kept (confidence >= threshold)
+# and their accuracy; 0 keeps everything.
+COVERAGE_THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
 # Most confident mistakes shown in the picture (2 rows of 8).
 NUM_MISTAKES_SHOWN = 16
 REPORT_DIR = "report"
@@ -54,7 +60,11 @@ TENSORBOARD_DIR = "tensorboard"
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A trained classifier ready for inference: `apply_fn(variables, images01, train=False) -> logits`."""
+    """A trained classifier ready for inference: `apply_fn(variables, images01, train=False) -> logits`.
+
+    `temperature` divides the logits before the softmax of calibrated predictions (see
+    hwrjax.calibration); `calibration` is the stored record it came from (None: T = 1, not fitted).
+    """
 
     apply_fn: Callable[..., Any]
     variables: dict
@@ -62,6 +72,8 @@ class LoadedModel:
     workdir: str | None = None
     config: Any = None
     step: int | None = None
+    temperature: float = calibration_lib.UNCALIBRATED
+    calibration: dict | None = None
 
 
 # Equal Linen modules share one instance, so their bound `apply` compares equal and the
@@ -126,9 +138,11 @@ def load_model(workdir: str, which: str | int = "best") -> LoadedModel:
     variables, step = checkpoint_lib.load_variables(workdir, which)
     num_classes = _num_classes_of(workdir, config, variables)
     module = _shared_module(models_lib.create_model(config.model, num_classes, dtype=config.dtype))
+    temperature, record = calibration_lib.load_temperature(workdir, int(step))
     return LoadedModel(apply_fn=module.apply,
                        variables=_inference_variables(variables["params"], variables.get("batch_stats")),
-                       num_classes=num_classes, workdir=workdir, config=config, step=int(step))
+                       num_classes=num_classes, workdir=workdir, config=config, step=int(step),
+                       temperature=temperature, calibration=record)
 
 
 def as_loaded_model(model: str | LoadedModel | Any) -> LoadedModel:
@@ -148,17 +162,32 @@ def as_loaded_model(model: str | LoadedModel | Any) -> LoadedModel:
     raise TypeError(f"expected a workdir, a LoadedModel or a TrainState, got {type(model).__name__}")
 
 
+def _as_unit_float(images: jnp.ndarray) -> jnp.ndarray:
+    """uint8 pixels -> [0, 1]; float images are taken as already in [0, 1]."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _batch_logits(apply_fn: Callable, variables: dict, images: jnp.ndarray) -> jnp.ndarray:
+    return apply_fn(variables, _as_unit_float(images), train=False).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "augment"))
 def _batch_probs(apply_fn: Callable, variables: dict, images: jnp.ndarray, num_views: jnp.ndarray,
-                 augment: augment_lib.AugmentParams | None) -> jnp.ndarray:
-    """Mean softmax over view 0 (identity) and views 1..num_views-1 (one fixed transform each).
+                 augment: augment_lib.AugmentParams | None, temperature: jnp.ndarray) -> jnp.ndarray:
+    """Mean probabilities, at T = 1 and at `temperature` ([2, B, C]), over view 0 (identity) and
+    views 1..num_views-1 (one fixed transform each).
 
     With `augment=None` only view 0 is computed (a smaller program to compile).
     """
-    x = images.astype(jnp.float32) / 255.0
+    x = _as_unit_float(images)
+    temperatures = jnp.stack([jnp.float32(calibration_lib.UNCALIBRATED), temperature.astype(jnp.float32)])
 
     def probs(view_images):
-        return jax.nn.softmax(apply_fn(variables, view_images, train=False).astype(jnp.float32), axis=-1)
+        logits = apply_fn(variables, view_images, train=False)
+        return calibration_lib.probabilities(logits[None], temperatures[:, None, None])
 
     if augment is None:
         return probs(x)
@@ -180,8 +209,11 @@ def _check_images(images: Any) -> np.ndarray:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"images must have shape [N, 28, 28, 1] or [N, 28, 28], got {np.shape(images)}")
-    if arr.dtype != np.uint8:
-        raise DataError(f"images must be uint8 pixels in [0, 255], got dtype {arr.dtype}")
+    if arr.dtype == np.float32:
+        if arr.size and not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise DataError("float32 images must hold values in [0, 1] (MNIST form); pass uint8 pixels otherwise")
+    elif arr.dtype != np.uint8:
+        raise DataError(f"images must be uint8 pixels in [0, 255] or float32 in [0, 1], got dtype {arr.dtype}")
     return arr
 
 
@@ -191,27 +223,60 @@ def _check_count(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
-def predict_probs(model: str | LoadedModel | Any, images_uint8: np.ndarray, batch_size: int = 1000,
-                  tta: int = 0) -> np.ndarray:
-    """Softmax probabilities [N, C] (float32) of uint8 images [N, 28, 28(, 1)], with K-view TTA if tta > 1."""
+def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of one shape (one compile); small inputs use a power-of-two batch; the last is zero-padded."""
+    n = images.shape[0]
+    batch = min(batch_size, 1 << (n - 1).bit_length())
+    for start in range(0, n, batch):
+        chunk = images[start:start + batch]
+        if chunk.shape[0] < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - chunk.shape[0],) + IMAGE_SHAPE, chunk.dtype)])
+        yield chunk
+
+
+def predict_both(model: str | LoadedModel | Any, images: np.ndarray, batch_size: int = 1000,
+                 tta: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(uncalibrated, calibrated) probabilities [N, C] (float32) from one pass over the images.
+
+    Images are uint8 [N, 28, 28(, 1)] in [0, 255] or float32 in [0, 1]; K-view TTA if tta > 1
+    (each view calibrated, then averaged). Calibrated means at the model's `temperature`.
+    """
     loaded = as_loaded_model(model)
-    images = _check_images(images_uint8)
+    images = _check_images(images)
     batch_size = _check_count(batch_size, "batch_size", 1)
     num_views = max(1, _check_count(tta, "tta", 0))
     n = images.shape[0]
     if n == 0:
-        return np.zeros((0, loaded.num_classes), np.float32)
-    # Every batch has the same shape (one compile); small inputs use a power-of-two batch.
-    batch = min(batch_size, 1 << (n - 1).bit_length())
+        empty = np.zeros((0, loaded.num_classes), np.float32)
+        return empty, empty
     variables = jax.device_put(loaded.variables)
     views = jnp.asarray(num_views, jnp.int32)
-    out = []
-    for start in range(0, n, batch):
-        chunk = images[start:start + batch]
-        if chunk.shape[0] < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - chunk.shape[0],) + IMAGE_SHAPE, np.uint8)])
-        out.append(_batch_probs(loaded.apply_fn, variables, chunk, views, TTA_AUGMENT if num_views > 1 else None))
-    return np.concatenate([np.asarray(p) for p in out])[:n]
+    temperature = jnp.asarray(loaded.temperature, jnp.float32)
+    out = [_batch_probs(loaded.apply_fn, variables, chunk, views, TTA_AUGMENT if num_views > 1 else None, temperature)
+           for chunk in _padded_batches(images, batch_size)]
+    both = np.concatenate([np.asarray(p) for p in out], axis=1)[:, :n]
+    return both[0], both[1]
+
+
+def predict_probs(model: str | LoadedModel | Any, images: np.ndarray, batch_size: int = 1000,
+                  tta: int = 0, calibrated: bool = True) -> np.ndarray:
+    """Probabilities [N, C] (float32) of images [N, 28, 28(, 1)] (uint8, or float32 in [0, 1]), with
+    K-view TTA if tta > 1; at the model's fitted temperature unless `calibrated` is False."""
+    raw, scaled = predict_both(model, images, batch_size=batch_size, tta=tta)
+    return scaled if calibrated else raw
+
+
+def predict_logits(model: str | LoadedModel | Any, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Logits [N, C] (float32) of images [N, 28, 28(, 1)] (uint8, or float32 in [0, 1]), no TTA."""
+    loaded = as_loaded_model(model)
+    images = _check_images(images)
+    batch_size = _check_count(batch_size, "batch_size", 1)
+    n = images.shape[0]
+    if n == 0:
+        return np.zeros((0, loaded.num_classes), np.float32)
+    variables = jax.device_put(loaded.variables)
+    out = [_batch_logits(loaded.apply_fn, variables, chunk) for chunk in _padded_batches(images, batch_size)]
+    return np.concatenate([np.asarray(z) for z in out])[:n]
 
 
 def check_same_dataset(models: Sequence[LoadedModel]) -> None:
@@ -228,15 +293,65 @@ def check_same_dataset(models: Sequence[LoadedModel]) -> None:
                                   f"{first.num_classes}, {other.workdir} {other.num_classes}")
 
 
-def ensemble_probs(models: Sequence[str | LoadedModel | Any], images_uint8: np.ndarray, batch_size: int = 1000,
-                   tta: int = 0) -> np.ndarray:
-    """The mean of the members' `predict_probs` [N, C] (float32); members must share a dataset."""
+def ensemble_both(models: Sequence[str | LoadedModel | Any], images: np.ndarray, batch_size: int = 1000,
+                  tta: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The means of the members' `predict_both` (uncalibrated, calibrated); members must share a dataset.
+
+    Each member is calibrated with its own temperature before the mean.
+    """
     loaded = [as_loaded_model(m) for m in models]
     if not loaded:
         raise HwrjaxError("an ensemble needs at least one model")
     check_same_dataset(loaded)
-    probs = [predict_probs(m, images_uint8, batch_size=batch_size, tta=tta) for m in loaded]
-    return np.mean(np.stack(probs).astype(np.float64), axis=0).astype(np.float32)
+    pairs = [predict_both(m, images, batch_size=batch_size, tta=tta) for m in loaded]
+    mean = lambda ps: np.mean(np.stack(ps).astype(np.float64), axis=0).astype(np.float32)
+    return mean([raw for raw, _ in pairs]), mean([scaled for _, scaled in pairs])
+
+
+def ensemble_probs(models: Sequence[str | LoadedModel | Any], images: np.ndarray, batch_size: int = 1000,
+                   tta: int = 0, calibrated: bool = True) -> np.ndarray:
+    """The mean of the members' `predict_probs` [N, C] (float32); members must share a dataset."""
+    raw, scaled = ensemble_both(models, images, batch_size=batch_size, tta=tta)
+    return scaled if calibrated else raw
+
+
+def with_temperature(model: str | LoadedModel | Any, temperature: float, record: dict | None = None) -> LoadedModel:
+    """`model` as a LoadedModel whose calibrated predictions use `temperature`."""
+    return dataclasses.replace(as_loaded_model(model), temperature=float(temperature), calibration=record)
+
+
+def fit_calibration(model: str | LoadedModel | Any, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000,
+                    split: str = "validation") -> dict:
+    """Fits the temperature of `model` on a held-out split; returns the record stored with the run:
+    temperature, the split, and NLL and ECE before and after."""
+    labels = np.asarray(labels)
+    logits = predict_logits(model, images, batch_size=batch_size)
+    temperature = calibration_lib.fit_temperature(logits, labels)
+    before = metrics_lib.classification_report(labels, np.asarray(calibration_lib.probabilities(logits)),
+                                               num_mistakes=0)
+    after = metrics_lib.classification_report(
+        labels, np.asarray(calibration_lib.probabilities(logits, temperature)), num_mistakes=0)
+    return {"temperature": temperature, "fitted_on": split, "num_examples": int(len(labels)),
+            "accuracy": after["accuracy"], "nll_before": before["loss"], "nll_after": after["loss"],
+            "ece_before": before["ece"], "ece_after": after["ece"], "num_ece_bins": after["num_ece_bins"]}
+
+
+def calibrate(workdir: str, which: str | int = "best", batch_size: int | None = None) -> dict:
+    """Fits the temperature of a run's checkpoint on the run's validation split and stores it in
+    WORKDIR/calibration.json; returns the record (with "step" and "path")."""
+    which = _check_which(which)
+    config = checkpoint_lib.load_config(workdir)
+    if int(config.dataset.validation_size) <= 0:
+        raise DataError(f"{workdir} was trained without a validation split (config.dataset.validation_size=0), "
+                        "and calibration is fitted on it; its probabilities stay uncalibrated (T=1)")
+    builder = _builder(config)
+    tfds_split, _ = resolve_split(config, "validation", builder)
+    model = load_model(workdir, which)
+    images, labels = load_split(builder, tfds_split)
+    batch = batch_size or int(config.get("eval_batch_size", 1000))
+    record = fit_calibration(model, images, labels, batch_size=batch, split=tfds_split)
+    path = calibration_lib.save_calibration(workdir, model.step, record)
+    return dict(record, step=model.step, path=path)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,6 +462,41 @@ def _workdir_list(workdirs: str | os.PathLike | Sequence[str]) -> list[str]:
     return items
 
 
+def is_labelled_folder(split: str) -> bool:
+    """True when `split` names a folder of labelled images rather than a split of the run's dataset."""
+    return split not in SPLIT_ALIASES and os.path.isdir(split)
+
+
+def _calibration_summary(models: Sequence[LoadedModel], labels: np.ndarray, raw: np.ndarray,
+                         probs: np.ndarray) -> dict:
+    """The temperatures used and the uncalibrated figures beside the calibrated ones of the report."""
+    before = metrics_lib.classification_report(labels, raw, num_mistakes=0)
+    return {
+        "temperatures": [m.temperature for m in models],
+        "fitted": [m.calibration is not None for m in models],
+        "uncalibrated_loss": before["loss"],
+        "uncalibrated_ece": before["ece"],
+        "coverage": metrics_lib.coverage_table(labels, probs, COVERAGE_THRESHOLDS),
+    }
+
+
+def _folder_split(split: str, workdir: str, which: str | int, num_classes: int
+                  ) -> tuple[labelled_lib.LabelledSplit, int]:
+    """A labelled folder read through the Recognizer of `workdir`; (split, files listed)."""
+    from hwrjax.recognize import Recognizer
+
+    scan = labelled_lib.scan_labelled_folder(split, num_classes=num_classes)
+    for path, why in scan.skipped:
+        logging.warning("Skipping %s: %s", path, why)
+    read = labelled_lib.read_labelled_folder(scan, Recognizer.from_workdir(workdir, which))
+    for path, error in read.unreadable:
+        logging.warning("Cannot read %s: %s", path, error)
+    if not read.paths:
+        path, error = read.unreadable[0]
+        raise DataError(f"none of the {len(scan)} images in {scan.folder} could be read (first: {path}: {error})")
+    return read, len(scan)
+
+
 def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int = 0, which: str | int = "best",
                    batch_size: int | None = None) -> Evaluation:
     """Like `evaluate`, but also returns the split and the (ensemble) probabilities."""
@@ -368,25 +518,35 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
                                   f"{configs[0].dataset.validation_size}, {w}: {c.dataset.validation_size}), so "
                                   "one member's validation examples are another's training data; use --split=test")
     config = configs[0]
-    builder = _builder(config)
-    tfds_split, expected = resolve_split(config, split, builder)
-    models = [load_model(w, which) for w in workdirs]
-    check_same_dataset(models)
-    images, labels = load_split(builder, tfds_split)
-    if len(labels) != expected:
-        raise DataError(f"split {tfds_split!r} of {config.dataset.name} loaded {len(labels)} examples, "
-                        f"expected {expected}; the prepared dataset may be damaged")
-    class_names = _class_names(builder)
-    if len(class_names) != models[0].num_classes:
-        raise CheckpointError(f"{workdirs[0]} predicts {models[0].num_classes} classes but "
-                              f"{config.dataset.name} has {len(class_names)}")
     batch = batch_size or int(config.get("eval_batch_size", 1000))
-    logging.info("Evaluating %d model(s) on %s %s (%d examples, tta=%d).", len(models), config.dataset.name,
+    folder = None
+    if is_labelled_folder(split):
+        models = [load_model(w, which) for w in workdirs]
+        check_same_dataset(models)
+        folder, listed = _folder_split(split, workdirs[0], which, models[0].num_classes)
+        images, labels = folder.images, folder.labels
+        class_names = tuple(str(c) for c in range(models[0].num_classes))
+        dataset, tfds_split = "labelled folder", os.path.abspath(split)
+    else:
+        builder = _builder(config)
+        tfds_split, expected = resolve_split(config, split, builder)
+        models = [load_model(w, which) for w in workdirs]
+        check_same_dataset(models)
+        images, labels = load_split(builder, tfds_split)
+        if len(labels) != expected:
+            raise DataError(f"split {tfds_split!r} of {config.dataset.name} loaded {len(labels)} examples, "
+                            f"expected {expected}; the prepared dataset may be damaged")
+        class_names = _class_names(builder)
+        if len(class_names) != models[0].num_classes:
+            raise CheckpointError(f"{workdirs[0]} predicts {models[0].num_classes} classes but "
+                                  f"{config.dataset.name} has {len(class_names)}")
+        dataset = config.dataset.name
+    logging.info("Evaluating %d model(s) on %s %s (%d examples, tta=%d).", len(models), dataset,
                  tfds_split, len(labels), tta)
-    probs = ensemble_probs(models, images, batch_size=batch, tta=tta)
+    raw, probs = ensemble_both(models, images, batch_size=batch, tta=tta)
     report = metrics_lib.classification_report(labels, probs, class_names=class_names)
     report.update(
-        dataset=config.dataset.name,
+        dataset=dataset,
         split=tfds_split,
         requested_split=split,
         workdirs=[os.path.abspath(w) for w in workdirs],
@@ -396,8 +556,15 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
         tta_views=max(1, tta),
         tta_augment=dataclasses.asdict(TTA_AUGMENT) if tta > 1 else None,
         ensemble_size=len(models),
-        eval_time_s=time.time() - start,
+        calibration=_calibration_summary(models, labels, raw, probs),
     )
+    if folder is not None:
+        for mistake in report["most_confident_mistakes"]:
+            mistake["path"] = folder.paths[mistake["index"]]
+        report.update(files_listed=listed, paths=list(folder.paths),
+                      unreadable=[{"path": p, "error": e} for p, e in folder.unreadable],
+                      skipped=[{"path": p, "reason": r} for p, r in folder.skipped])
+    report["eval_time_s"] = time.time() - start
     return Evaluation(report, SplitPredictions(images, labels, probs, class_names, tfds_split))
 
 
@@ -413,6 +580,8 @@ def evaluate(workdirs: str | Sequence[str], split: str = "test", tta: int = 0, w
 
 def report_stem(split: str, ensemble_size: int = 1, tta: int = 0, which: str | int = "best") -> str:
     """The file-name stem of a report, distinct for every split, ensemble size, TTA and checkpoint."""
+    if is_labelled_folder(split):
+        split = "folder_" + (os.path.basename(os.path.normpath(os.path.abspath(split))) or "root")
     # test[:200] -> test_0-200, train[59500:] -> train_59500-end, train[:10%] -> train_0-10pct
     stem = re.sub(r"\[([^\]:]*):([^\]:]*)\]", lambda m: f"_{m.group(1) or '0'}-{m.group(2) or 'end'}", split)
     stem = re.sub(r"[^\w.+-]+", "_", stem.replace("%", "pct")).strip("_") or "split"
@@ -440,14 +609,6 @@ def read_history(workdir: str) -> list[dict]:
             if isinstance(row, dict):
                 rows.append(row)
     return rows
-
-
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
@@ -545,7 +706,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", action="append", required=True,
                    help="workdir of a training run; repeat to evaluate the ensemble (mean probabilities)")
     p.add_argument("--split", default="test",
-                   help="test (the run's test split), validation, train, or a tfds split such as 'test[:1000]'")
+                   help="test (the run's test split), validation, train, a tfds split such as 'test[:1000]', or a "
+                        "folder of your own labelled images (sub-folders 0..9, each holding images of that digit)")
     p.add_argument("--tta", type=int, default=0,
                    help="test-time augmentation: average K views (view 0 unchanged); 0 or 1 disables")
     p.add_argument("--checkpoint", type=_parse_checkpoint, default="best", help="best, latest or a step number")
@@ -626,16 +788,69 @@ def evaluate_main(argv: list[str]) -> int:
                 previous = {}
             if isinstance(previous, dict):
                 saved = {**{k: v for k, v in previous.items() if k not in report}, **report}
-        _write_json(output, saved)
+        write_json_atomic(output, saved)
         pictures = write_pictures(primary, read_history(primary), result.predictions, report, stem=stem,
                                   step=report["checkpoint_steps"][0], tensorboard=not args.no_tensorboard)
         what = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else primary
         tta = f", TTA {args.tta} views" if args.tta > 1 else ""
         lines = [f"{report['dataset']} {report['split']}: {what} (checkpoint {args.checkpoint}, steps "
                  f"{report['checkpoint_steps']}{tta})", metrics_lib.format_report(report), "",
-                 f"report: {output}"]
+                 format_calibration(report, workdirs)]
+        if "unreadable" in report:
+            lines += ["", f"{report['num_examples']} of {report['files_listed']} image files read; "
+                          f"{len(report['unreadable'])} unreadable, {len(report['skipped'])} other entries skipped"]
+            lines += [f"  unreadable: {u['path']}: {u['error']}" for u in report["unreadable"]]
+            lines += [f"  skipped: {k['path']}: {k['reason']}" for k in report["skipped"]]
+        lines += ["", f"report: {output}"]
         lines += [f"{name}: {path}" for name, path in pictures.items()]
         sys.stdout.write("\n".join(lines) + "\n")
+        return 0
+
+    return _run_command(body)
+
+
+def format_calibration(report: Mapping[str, Any], workdirs: Sequence[str]) -> str:
+    """The calibration block of `hwrjax evaluate`: temperatures, ECE and NLL before and after, coverage."""
+    c = report["calibration"]
+    bins = report.get("num_ece_bins")
+    lines = []
+    for w, t, fitted, step in zip(workdirs, c["temperatures"], c["fitted"], report["checkpoint_steps"]):
+        state = (f"temperature {t:.4g}" if fitted else
+                 f"no temperature fitted for step {step}: probabilities uncalibrated (T=1); fit one with "
+                 f"`hwrjax calibrate --workdir={w}`")
+        lines.append(f"Calibration of {w}: {state}")
+    for name, key in ((f"ECE ({bins} bins)", "ece"), ("loss (NLL)", "loss")):
+        lines.append(f"  {name:<14}  {c['uncalibrated_' + key]:.4f} uncalibrated -> {report[key]:.4f} calibrated")
+    lines += ["", "Accuracy of the readings kept (calibrated confidence >= min confidence; the rest are unsure)",
+              metrics_lib.format_coverage(c["coverage"])]
+    return "\n".join(lines)
+
+
+def calibrate_main(argv: list[str]) -> int:
+    """`hwrjax calibrate`: fits a run's temperature on its validation split and stores it with the run."""
+    parser = _ArgumentParser(prog="hwrjax calibrate",
+                             description="Fit the temperature that calibrates a run's probabilities (on its "
+                                         "validation split) and store it in WORKDIR/calibration.json.")
+    parser.add_argument("--workdir", required=True, help="workdir of a training run")
+    parser.add_argument("--checkpoint", type=_parse_checkpoint, default="best", help="best, latest or a step number")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="inference batch size (default: the run's eval_batch_size)")
+
+    def body() -> int:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        if not os.path.isdir(args.workdir):
+            raise CheckpointError(f"{args.workdir} is not a directory; pass the --workdir of a training run")
+        _check_writable(args.workdir)
+        r = calibrate(args.workdir, args.checkpoint, args.batch_size)
+        sys.stdout.write(
+            f"temperature {r['temperature']:.4g} for step {r['step']} of {args.workdir}, fitted on {r['fitted_on']} "
+            f"({r['num_examples']} examples, accuracy {r['accuracy']:.4%})\n"
+            f"  NLL {r['nll_before']:.4f} -> {r['nll_after']:.4f}, ECE ({r['num_ece_bins']} bins) "
+            f"{r['ece_before']:.4f} -> {r['ece_after']:.4f}\n"
+            f"stored in {r['path']}\n")
         return 0
 
     return _run_command(body)

@@ -30,6 +30,21 @@ def summary_writer_class() -> type:
     return SummaryWriter
 
 
+def write_json_atomic(path: str, obj: Any) -> str:
+    """Writes `obj` as JSON to `path` through a temporary file renamed over it, so a reader never
+    sees half a file; creates the folder; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 class MetricLogger:
     """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log."""
 
@@ -89,10 +104,7 @@ class MetricLogger:
         """Writes `report` as JSON to WORKDIR/report/NAME atomically and returns the path."""
         path = os.path.join(self.workdir, "report", name)
         if self.enabled:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(report, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(path, report)
         return path
 
     def close(self) -> None:

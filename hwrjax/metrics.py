@@ -26,6 +26,8 @@ __all__ = [
     "confusion_matrix",
     "expected_calibration_error",
     "calibration_bins",
+    "coverage_table",
+    "format_coverage",
     "top_k_accuracy",
     "format_report",
     "compare_table",
@@ -190,6 +192,36 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, num_bins: 
     """Return the ECE: sum over equal-width confidence bins of (n_bin/N) * |accuracy - confidence|."""
     bins = calibration_bins(labels, probs, num_bins)
     return _ece_from_bins(bins, int(np.asarray(labels).shape[0]))
+
+
+def coverage_table(labels: np.ndarray, probs: np.ndarray, thresholds: Sequence[float]) -> list[dict]:
+    """Accuracy against the share of examples kept, for each confidence threshold.
+
+    An example is kept when its confidence (max probability) is >= the threshold, and is
+    "unsure" otherwise. Each dict has ``min_confidence``, ``kept`` (share of all examples),
+    ``num_kept`` and ``accuracy`` of the kept ones (None when none is kept).
+    """
+    labels_arr, probs_arr = _validate(labels, probs)
+    confidence = probs_arr.max(axis=1)
+    correct = probs_arr.argmax(axis=1) == labels_arr
+    rows = []
+    for t in thresholds:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"thresholds must be numbers in [0, 1], got {t!r}")
+        keep = confidence >= float(t)
+        num = int(keep.sum())
+        rows.append({"min_confidence": float(t), "kept": num / len(labels_arr), "num_kept": num,
+                     "accuracy": float(correct[keep].mean()) if num else None})
+    return rows
+
+
+def format_coverage(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A text table of ``coverage_table`` rows: threshold, share kept, count kept, accuracy of those kept."""
+    lines = [f"{'min confidence':>14}  {'kept':>8}  {'count':>7}  {'accuracy':>8}"]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
+        lines.append(f"{r['min_confidence']:>14.3f}  {100 * r['kept']:>7.2f}%  {r['num_kept']:>7}  {acc:>8}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- #

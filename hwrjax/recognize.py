@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hwrjax import checkpoint, models, preprocess
+from hwrjax import calibration, checkpoint, models, preprocess
 from hwrjax.errors import CheckpointError, HwrjaxError
 from hwrjax.preprocess import ImageError
 
@@ -49,9 +49,11 @@ class Reading:
     """What was read from one input image.
 
     `text` is the digits left to right ("" on error); `probabilities[i]` is the model's
-    probability of `digits[i]`; `probs[i]` is the full class distribution of digit i;
+    (calibrated) probability of `digits[i]`; `probs[i]` is the full class distribution of digit i;
     `latency_ms` is this input's preprocessing time plus the model call(s) that classified
-    it; `error` is None or a one-line message saying what was wrong with the input.
+    it; `error` is None or a one-line message saying what was wrong with the input;
+    `unsure` is True when some digit's probability is below the minimum confidence asked for
+    (the digits are still given, so an app can show them and ask the writer to try again).
     """
 
     text: str
@@ -60,6 +62,7 @@ class Reading:
     probs: list[list[float]]
     latency_ms: float
     error: str | None = None
+    unsure: bool = False
 
     @property
     def probability(self) -> float | None:
@@ -71,12 +74,14 @@ class Reading:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_probabilities(cls, probs: np.ndarray, latency_ms: float) -> "Reading":
-        """The reading of k digits whose class probabilities are `probs` [k, classes]."""
+    def from_probabilities(cls, probs: np.ndarray, latency_ms: float, min_confidence: float = 0.0) -> "Reading":
+        """The reading of k digits whose class probabilities are `probs` [k, classes]; unsure when a
+        digit's probability is below `min_confidence`."""
         digits = [int(i) for i in np.argmax(probs, axis=-1)]
-        return cls(text="".join(str(d) for d in digits), digits=digits,
-                   probabilities=[float(probs[i, d]) for i, d in enumerate(digits)],
-                   probs=[[float(v) for v in row] for row in probs], latency_ms=round(latency_ms, 3))
+        probabilities = [float(probs[i, d]) for i, d in enumerate(digits)]
+        return cls(text="".join(str(d) for d in digits), digits=digits, probabilities=probabilities,
+                   probs=[[float(v) for v in row] for row in probs], latency_ms=round(latency_ms, 3),
+                   unsure=bool(probabilities) and min(probabilities) < min_confidence)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -118,13 +123,20 @@ class Recognizer:
 
     Thread-safe: model calls are serialized by a lock, preprocessing runs in the caller's
     thread. The model function is jit-compiled once per batch-size bucket (1, 2, 4, ...,
-    `max_batch`); larger batches are classified in chunks of `max_batch`.
+    `max_batch`); larger batches are classified in chunks of `max_batch`. Probabilities are
+    calibrated with `temperature` (see hwrjax.calibration; `from_workdir` reads the run's);
+    readings below `min_confidence` are marked unsure.
     """
 
     def __init__(self, model: Any, variables: dict, *, max_digits: int = 12, max_batch: int = 256,
-                 step: int | None = None, name: str = ""):
+                 step: int | None = None, name: str = "", temperature: float = calibration.UNCALIBRATED,
+                 min_confidence: float = 0.0):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a positive power of two, got {max_batch}")
+        if not calibration.MIN_TEMPERATURE <= temperature <= calibration.MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [{calibration.MIN_TEMPERATURE}, "
+                             f"{calibration.MAX_TEMPERATURE}], got {temperature}")
+        self.min_confidence = check_min_confidence(min_confidence)
         variables = dict(variables)
         if not variables.get("batch_stats"):
             variables.pop("batch_stats", None)
@@ -134,6 +146,7 @@ class Recognizer:
         self.max_batch = max_batch
         self.step = step
         self.name = name
+        self._temperature = float(temperature)
         self._lock = threading.Lock()
         self._traces = 0
         self._predict = jax.jit(self._probabilities)
@@ -151,14 +164,29 @@ class Recognizer:
             raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
                                   "pass the workdir the checkpoint was trained in") from None
         logging.info("Loaded %s (step %d) from %s.", config.model.name, step, workdir)
+        if "temperature" not in kwargs:
+            kwargs["temperature"], record = calibration.load_temperature(workdir, step)
+            if record is None:
+                logging.warning("%s has no fitted temperature for step %d: probabilities are uncalibrated (T=1); "
+                                "fit one with `hwrjax calibrate --workdir=%s`.", workdir, step, workdir)
         return cls(model, variables, step=step, name=str(config.model.name), **kwargs)
 
     # ---------------------------------------------------------------- the model call
 
     def _probabilities(self, variables: dict, images: jax.Array) -> jax.Array:
         self._traces += 1  # Runs only while tracing: counts compilations.
-        logits = self.model.apply(variables, images, train=False)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        # The temperature is fixed at construction, so it is a constant of the compiled program.
+        return calibration.probabilities(self.model.apply(variables, images, train=False), self.temperature)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature dividing the logits before the softmax (1: uncalibrated)."""
+        return self._temperature
+
+    @property
+    def calibrated(self) -> bool:
+        """True when probabilities are scaled by a temperature other than 1."""
+        return self.temperature != calibration.UNCALIBRATED
 
     @property
     def trace_count(self) -> int:
@@ -222,15 +250,24 @@ class Recognizer:
             return preprocess.to_mnist(grey)[None]
         return np.stack(preprocess.split_digits(grey, max_digits=self.max_digits))
 
-    def read(self, image: ImageInput, mode: str = "number") -> Reading:
-        """Reads one image; raises ImageError (not a Reading with `error`) when it cannot."""
+    def read(self, image: ImageInput, mode: str = "number", min_confidence: float | None = None) -> Reading:
+        """Reads one image; raises ImageError (not a Reading with `error`) when it cannot.
+
+        `min_confidence` (default: the Recognizer's) marks the reading unsure below it.
+        """
+        threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
         t0 = time.perf_counter()
         probs = self.classify(self.prepare(image, mode))
-        return Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3)
+        return Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3, threshold)
 
-    def recognize(self, images: Sequence[ImageInput] | ImageInput, mode: str = "number") -> list[Reading]:
-        """Reads each image of a batch; an unreadable image gets a Reading with `error` set."""
+    def recognize(self, images: Sequence[ImageInput] | ImageInput, mode: str = "number",
+                  min_confidence: float | None = None) -> list[Reading]:
+        """Reads each image of a batch; an unreadable image gets a Reading with `error` set.
+
+        `min_confidence` (default: the Recognizer's) marks readings unsure below it.
+        """
         _check_mode(mode)
+        threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray)) or hasattr(images, "read"):
             images = [images]
         crops, counts, prep_ms, errors = [], [], [], []
@@ -261,8 +298,16 @@ class Recognizer:
             p = probs[offset:offset + k]
             model = float(sum(set(model_ms[offset:offset + k].tolist())))
             offset += k
-            readings.append(Reading.from_probabilities(p, ms + model))
+            readings.append(Reading.from_probabilities(p, ms + model, threshold))
         return readings
+
+
+def check_min_confidence(value: Any) -> float:
+    """`value` as a confidence threshold in [0, 1] (0: never unsure); raises ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"min_confidence must be a number in [0, 1] (0 turns it off), got {value!r}")
+    return float(value)
 
 
 def _check_mode(mode: str) -> None:
@@ -334,34 +379,86 @@ def find_images(paths: Iterable[str]) -> list[tuple[str, str | None]]:
     return rows
 
 
-def _row(path: str, reading: Reading) -> dict[str, Any]:
-    return {"path": path, "text": reading.text, "digits": reading.digits,
-            "probability": None if reading.probability is None else round(reading.probability, 6),
-            "probabilities": [round(p, 6) for p in reading.probabilities],
-            "time_ms": round(reading.latency_ms, 2), "error": reading.error}
+def _row(path: str, reading: Reading, label: int | None = None) -> dict[str, Any]:
+    row = {"path": path, "text": reading.text, "digits": reading.digits,
+           "probability": None if reading.probability is None else round(reading.probability, 6),
+           "probabilities": [round(p, 6) for p in reading.probabilities], "unsure": reading.unsure,
+           "time_ms": round(reading.latency_ms, 2), "error": reading.error}
+    if label is not None:
+        row["label"] = label
+        row["correct"] = None if reading.error else reading.text == str(label)
+    return row
+
+
+def _mark(row: dict[str, Any]) -> str:
+    """The text column's cell: the digits, and '?' after them when the reading is unsure."""
+    return row["text"] + ("?" if row["unsure"] else "")
 
 
 def _format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    labelled = bool(rows) and "label" in rows[0]
     if fmt == "json":
         return json.dumps(rows, indent=1) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["path", "text", "probability", "probabilities", "time_ms", "error"])
+        extra = ["label", "correct"] if labelled else []
+        writer.writerow(["path", "text", *extra, "probability", "probabilities", "unsure", "time_ms", "error"])
         for r in rows:
-            writer.writerow([r["path"], r["text"], "" if r["probability"] is None else f"{r['probability']:.6f}",
-                             " ".join(f"{p:.6f}" for p in r["probabilities"]), f"{r['time_ms']:.2f}",
-                             r["error"] or ""])
+            cells = [str(r["label"]), "" if r["correct"] is None else str(r["correct"]).lower()] if labelled else []
+            writer.writerow([r["path"], r["text"], *cells,
+                             "" if r["probability"] is None else f"{r['probability']:.6f}",
+                             " ".join(f"{p:.6f}" for p in r["probabilities"]), str(r["unsure"]).lower(),
+                             f"{r['time_ms']:.2f}", r["error"] or ""])
         return buf.getvalue()
-    header = ["path", "text", "prob", "ms", "error"]
-    table = [[r["path"], r["text"], "" if r["probability"] is None else f"{r['probability']:.4f}",
-              f"{r['time_ms']:.1f}", r["error"] or ""] for r in rows]
+    extra = ["label", "right"] if labelled else []
+    header = ["path", "text", *extra, "prob", "ms", "error"]
+    right = {True: "yes", False: "NO", None: "-"}
+    table = [[r["path"], _mark(r), *([str(r["label"]), right[r["correct"]]] if labelled else []),
+              "" if r["probability"] is None else f"{r['probability']:.4f}", f"{r['time_ms']:.1f}",
+              r["error"] or ""] for r in rows]
     widths = [max(len(header[i]), *(len(t[i]) for t in table)) for i in range(len(header) - 1)]
     lines = []
     for cells in [header] + table:
         line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1]
         lines.append(line.rstrip())
     return "\n".join(lines) + "\n"
+
+
+def summarize_rows(rows: list[dict[str, Any]], min_confidence: float) -> dict[str, Any]:
+    """Counts of a predict run: files, read, unreadable, unsure; with labels, also correct and accuracy
+    (of all readings, and of the sure ones)."""
+    read = [r for r in rows if r["error"] is None]
+    sure = [r for r in read if not r["unsure"]]
+    summary: dict[str, Any] = {"files": len(rows), "read": len(read), "unreadable": len(rows) - len(read),
+                               "min_confidence": min_confidence, "unsure": len(read) - len(sure)}
+    if rows and "label" in rows[0]:
+        correct = sum(bool(r["correct"]) for r in read)
+        summary.update(correct=correct, accuracy=correct / len(read) if read else None,
+                       sure_correct=sum(bool(r["correct"]) for r in sure),
+                       sure_accuracy=sum(bool(r["correct"]) for r in sure) / len(sure) if sure else None)
+    return summary
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['read']} of {summary['files']} images read"]
+    if "accuracy" in summary:
+        acc = "-" if summary["accuracy"] is None else f"{summary['accuracy']:.2%}"
+        parts.append(f"{summary['correct']} right (accuracy {acc})")
+    if summary["min_confidence"] > 0:
+        kept = summary["read"] - summary["unsure"]
+        sure = f"{kept} sure (confidence >= {summary['min_confidence']:g}), {summary['unsure']} unsure (marked ?)"
+        if summary.get("sure_accuracy") is not None:
+            sure += f"; accuracy of the sure ones {summary['sure_accuracy']:.2%}"
+        parts.append(sure)
+    return "summary: " + ", ".join(parts) + "\n"
+
+
+def _probability(text: str) -> float:
+    try:
+        return check_min_confidence(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
 
 
 def predict_main(argv: list[str]) -> int:
@@ -373,31 +470,63 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--workdir", required=True, help="workdir of a training run")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
-    parser.add_argument("--mode", choices=MODES, default="number",
-                        help="number: split into digits and read them all (default); digit: one digit per image")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="number: split into digits and read them all (default); digit: one digit per image "
+                             "(default with --labelled)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
     parser.add_argument("--batch-size", type=int, default=64, help="images read per model call (default 64)")
+    parser.add_argument("--min-confidence", type=_probability, default=0.0,
+                        help="mark a reading unsure when a digit's calibrated probability is below this (0..1; "
+                             "default 0: never); the digits are still given")
+    parser.add_argument("--labelled", action="store_true",
+                        help="each PATH is a folder of labelled images (sub-folders 0..9 named after their digit): "
+                             "rows give the label and whether the reading was right, then a summary")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    mode = args.mode or ("digit" if args.labelled else "number")
 
     from hwrjax.logs import quiet_library_logs
 
     quiet_library_logs()
     try:
+        if args.labelled:
+            from hwrjax import labelled
+
+            scans = [labelled.scan_labelled_folder(p) for p in args.paths]
+            items = [(path, None, label) for scan in scans for path, label in zip(scan.paths, scan.labels.tolist())]
+            items += [(path, f"skipped: {why}", None) for scan in scans for path, why in scan.skipped]
+        else:
+            items = [(path, error, None) for path, error in find_images(args.paths)]
         with quiet_loading():
-            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
     except HwrjaxError as e:
         sys.stderr.write(f"hwrjax predict: error: {e}\n")
         return 2
-    items = find_images(args.paths)
+    if not recognizer.calibrated:
+        sys.stderr.write(f"hwrjax predict: note: {args.workdir} has no fitted temperature for step {recognizer.step}; "
+                         f"probabilities are uncalibrated (T=1) (fit one with `hwrjax calibrate "
+                         f"--workdir={args.workdir}`)\n")
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), args.batch_size):
         chunk = items[start:start + args.batch_size]
-        todo = [path for path, error in chunk if error is None]
-        readings = iter(recognizer.recognize(todo, mode=args.mode)) if todo else iter(())
-        for path, error in chunk:
+        todo = [path for path, error, _ in chunk if error is None]
+        readings = iter(recognizer.recognize(todo, mode=mode)) if todo else iter(())
+        for path, error, label in chunk:
+            if error is not None and label is None and args.labelled:
+                continue  # skipped entries of a labelled folder are listed after the table
             reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
-            rows.append(_row(path, reading))
-    sys.stdout.write(_format_rows(rows, args.format))
+            rows.append(_row(path, reading, label if args.labelled else None))
+    summary = summarize_rows(rows, args.min_confidence)
+    if args.labelled:
+        summary["skipped"] = [{"path": path, "reason": why[len("skipped: "):]} for path, why, label in items
+                              if label is None]
+    if args.format == "json" and args.labelled:
+        sys.stdout.write(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    else:
+        sys.stdout.write(_format_rows(rows, args.format))
+        if args.labelled or args.min_confidence > 0:
+            (sys.stderr if args.format != "table" else sys.stdout).write(_format_summary(summary))
+        for skipped in summary.get("skipped", []):
+            sys.stderr.write(f"hwrjax predict: skipped {skipped['path']}: {skipped['reason']}\n")
     return 0 if any(r["error"] is None for r in rows) else 1

@@ -2,10 +2,14 @@
 
 Built on Starlette (ASGI) and served by uvicorn. Routes:
   GET  /                 the drawing page (hwrjax/static/index.html)
-  GET  /api/health       {"status": "ok", "model", "step"}
+  GET  /api/health       {"status": "ok", "model", "step", "temperature", "calibrated", "min_confidence"}
   POST /api/recognize    body: the raw image bytes, or multipart/form-data with a file field
                          `image`; query `mode=number|digit` (default number) ->
-                         {"text", "digits", "probabilities", "latency_ms"}
+                         {"text", "digits", "probabilities", "unsure", "min_confidence", "latency_ms"};
+                         query `min_confidence=0..1` (default the server's --min-confidence)
+                         marks the answer `unsure` when a digit's probability is below it
+                         (the digits are still given). Probabilities are calibrated with the
+                         run's fitted temperature (hwrjax.calibration).
 Errors are JSON {"error": "..."}: 400 for a body that is not an image or has no ink,
 403 for a foreign Host or a cross-origin request, 408 for an upload slower than
 `body_timeout`, 413 for a body over `max_upload_bytes` (refused by Content-Length, or while
@@ -72,7 +76,7 @@ except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
 
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
-from hwrjax.recognize import MODES, Reading, Recognizer, quiet_loading
+from hwrjax.recognize import MODES, Reading, Recognizer, check_min_confidence, quiet_loading
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "Limits", "MicroBatcher", "create_app", "serve_in_thread",
            "serve_main"]
@@ -413,7 +417,9 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
         return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": recognizer.name, "step": recognizer.step})
+        return JSONResponse({"status": "ok", "model": recognizer.name, "step": recognizer.step,
+                             "temperature": recognizer.temperature, "calibrated": recognizer.calibrated,
+                             "min_confidence": recognizer.min_confidence})
 
     async def recognize(request: Request) -> Response:
         nonlocal in_flight
@@ -431,6 +437,13 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
         mode = request.query_params.get("mode", "number")
         if mode not in MODES:
             return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", closing)
+        min_confidence = recognizer.min_confidence
+        if "min_confidence" in request.query_params:
+            try:
+                min_confidence = check_min_confidence(float(request.query_params["min_confidence"]))
+            except ValueError:
+                return _error(400, f"min_confidence must be a number in [0, 1], got "
+                                   f"{request.query_params['min_confidence'][:40]!r}", closing)
         try:
             multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
             with anyio.fail_after(limits.body_timeout):
@@ -457,9 +470,9 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
                                f"smaller image (at most {LIGHT_PIXELS:,} pixels takes the fast lane)",
                           {"Retry-After": "1"})
         probs = await asyncio.wrap_future(batcher.submit(crops))
-        r = Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3)
+        r = Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3, min_confidence)
         return JSONResponse({"text": r.text, "digits": r.digits, "probabilities": r.probabilities,
-                             "latency_ms": r.latency_ms})
+                             "unsure": r.unsure, "min_confidence": min_confidence, "latency_ms": r.latency_ms})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -625,11 +638,16 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
                         help=f"open connections; more are closed at once (default {d.max_connections})")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="answers whose calibrated probability is below this (0..1) are marked unsure "
+                             "(default 0: never); a request's min_confidence query overrides it")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not args.max_upload_mb > 0 or not math.isfinite(args.max_upload_mb):
         parser.error("--max-upload-mb must be a positive number")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        parser.error(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     try:
         limits = Limits(max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)), max_in_flight=args.max_in_flight,
                         workers=args.workers, max_batch=args.max_batch, body_timeout=args.timeout,
@@ -647,13 +665,16 @@ def serve_main(argv: list[str]) -> int:
     quiet_library_logs()
     try:
         with quiet_loading():
-            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint)
+            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
         app = create_app(recognizer, limits, host=args.host, allow_hosts=args.allow_host,
                          allow_origins=args.allow_origin)
         sock = _bind(args.host, args.port)
     except (HwrjaxError, ValueError) as e:
         sys.stderr.write(f"hwrjax serve: error: {e}\n")
         return 2
+    if not recognizer.calibrated:
+        logging.warning("%s has no fitted temperature for step %s: probabilities are uncalibrated (T=1); fit one "
+                        "with `hwrjax calibrate --workdir=%s`.", args.workdir, recognizer.step, args.workdir)
     if not _is_loopback(args.host):
         logging.warning("Listening on %s: other machines can reach this service; it has no authentication.",
                         args.host)

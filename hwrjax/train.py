@@ -658,13 +658,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 best_val_accuracy=meta["best_val_accuracy"], num_params=int(sum(
                     x.size for x in jax.tree.leaves(state.params))))
     if is_main:
+        from hwrjax import calibration as calibration_lib
+        from hwrjax import evaluate as evaluate_lib
+
+        delivered_model = evaluate_lib.as_loaded_model(report_state)
+        if val_set is not None:
+            # The temperature that calibrates the reported model's probabilities, fitted on validation and
+            # stored with the run for every command that loads this checkpoint (hwrjax.calibration).
+            record = evaluate_lib.fit_calibration(delivered_model, splits.validation.images, splits.validation.labels,
+                                                  batch_size=config.eval_batch_size)
+            calibration_lib.save_calibration(workdir, report_step, record)
+            delivered_model = evaluate_lib.with_temperature(delivered_model, record["temperature"], record)
+            test["temperature"] = record["temperature"]
         logger.write_report("test_metrics.json", test)
         logger.write(step, {"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         logger.close()
         if config.report_plots:
-            from hwrjax import evaluate as evaluate_lib
-
-            probs = evaluate_lib.predict_probs(report_state, splits.test.images, batch_size=config.eval_batch_size)
+            probs = evaluate_lib.predict_probs(delivered_model, splits.test.images, batch_size=config.eval_batch_size)
             evaluate_lib.write_training_report(workdir, None, evaluate_lib.SplitPredictions(
                 splits.test.images, splits.test.labels, probs, splits.class_names, "test"), step=step)
     logging.info("Test accuracy %.4f (loss %.4f) on %d examples.", test["accuracy"], test["loss"],

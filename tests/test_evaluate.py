@@ -252,7 +252,9 @@ def test_errors_are_one_line(runs, tmp_path):
     line = _one_line_error(*_cli(evaluate.compare_main, runs["a"], str(tmp_path))[::2])
     assert "is not a training workdir" in line and str(tmp_path) in line
     with pytest.raises(DataError, match="uint8"):
-        evaluate.predict_probs(runs["a"], np.zeros((2, 28, 28, 1), np.float32))
+        evaluate.predict_probs(runs["a"], np.zeros((2, 28, 28, 1), np.float64))
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        evaluate.predict_probs(runs["a"], np.full((2, 28, 28, 1), 2.0, np.float32))
 
 
 def test_checkpoint_that_does_not_match_config(runs, tmp_path):

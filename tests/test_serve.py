@@ -79,10 +79,12 @@ class Blocked:
 def test_health_and_page(client):
     r = client.get("/api/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": "resnet", "step": 0}
+    assert r.json() == {"status": "ok", "model": "resnet", "step": 0, "temperature": 1.0, "calibrated": False,
+                        "min_confidence": 0.0}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for needle in ('id="pad"', 'id="result"', 'id="clear"', 'value="digit"', 'value="number"', "pointerdown"):
+    for needle in ('id="pad"', 'id="result"', 'id="clear"', 'value="digit"', 'value="number"', "pointerdown",
+                   'id="min-confidence"', "min_confidence="):
         assert needle in page.text
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
 
@@ -91,12 +93,26 @@ def test_recognize_raw_png(client, recognizer, number_png):
     r = client.post("/api/recognize", content=number_png, headers={"content-type": "image/png"})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"text", "digits", "probabilities", "latency_ms"}
+    assert set(body) == {"text", "digits", "probabilities", "unsure", "min_confidence", "latency_ms"}
     want = recognizer.read(number_png)
     assert body["text"] == want.text and len(body["digits"]) == 3
     assert body["digits"] == want.digits
     np.testing.assert_allclose(body["probabilities"], want.probabilities, atol=1e-6)
     assert body["latency_ms"] > 0
+
+
+def test_min_confidence_marks_unsure_answers(client, recognizer, number_png):
+    least = recognizer.read(number_png).probability
+    for threshold, unsure in ((0.0, False), (least, False), (min(1.0, least + 1e-3), True), (1.0, True)):
+        r = client.post(f"/api/recognize?min_confidence={threshold}", content=number_png)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["unsure"] is unsure and body["min_confidence"] == threshold
+        assert len(body["digits"]) == 3  # the digits are still given
+    assert client.post("/api/recognize", content=number_png).json()["unsure"] is False  # the server's default: 0
+    for bad in ("1.5", "-0.1", "nan", "x"):
+        r = client.post(f"/api/recognize?min_confidence={bad}", content=number_png)
+        assert r.status_code == 400 and "min_confidence" in r.json()["error"]
 
 
 def test_recognize_multipart_and_modes(client, number_png):
