@@ -48,6 +48,8 @@ SPLIT_ALIASES = ("test", "validation", "train")
 # Confidence thresholds of the coverage table: the share of readings kept (confidence >= threshold)
 # and their accuracy; 0 keeps everything.
 COVERAGE_THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)
+# Unreadable and skipped files of a labelled folder listed in the text output (the JSON lists all).
+NUM_FILES_LISTED = 10
 # Most confident mistakes shown in the picture (2 rows of 8).
 NUM_MISTAKES_SHOWN = 16
 REPORT_DIR = "report"
@@ -799,8 +801,11 @@ def evaluate_main(argv: list[str]) -> int:
         if "unreadable" in report:
             lines += ["", f"{report['num_examples']} of {report['files_listed']} image files read; "
                           f"{len(report['unreadable'])} unreadable, {len(report['skipped'])} other entries skipped"]
-            lines += [f"  unreadable: {u['path']}: {u['error']}" for u in report["unreadable"]]
-            lines += [f"  skipped: {k['path']}: {k['reason']}" for k in report["skipped"]]
+            for key, what, why in (("unreadable", "unreadable", "error"), ("skipped", "skipped", "reason")):
+                entries = report[key]
+                lines += [f"  {what}: {e['path']}: {e[why]}" for e in entries[:NUM_FILES_LISTED]]
+                if len(entries) > NUM_FILES_LISTED:
+                    lines.append(f"  ... and {len(entries) - NUM_FILES_LISTED} more {what} (all in the JSON report)")
         lines += ["", f"report: {output}"]
         lines += [f"{name}: {path}" for name, path in pictures.items()]
         sys.stdout.write("\n".join(lines) + "\n")
