@@ -41,6 +41,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hwrjax import augment as augment_lib
+from hwrjax import calibration as calibration_lib
 from hwrjax import checkpoint as checkpoint_lib
 from hwrjax import data as data_lib
 from hwrjax import evaluate as evaluate_lib
@@ -389,6 +390,10 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
             ckpt.save_best(total_steps, state, meta)
         finally:
             ckpt.close()
+        if splits.validation is not None and len(splits.validation):
+            # The fine-tuned model's own temperature, fitted on the base run's validation split as training does.
+            calibration_lib.save_calibration(tmp, total_steps, evaluate_lib.fit_calibration(
+                state, splits.validation.images, splits.validation.labels, batch_size=config.eval_batch_size))
         num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
         test = dict(after["mnist_test"], step=total_steps, checkpoint_step=total_steps,
                     split=config.dataset.test_split, dataset=config.dataset.name, wall_time_s=train_time,

@@ -117,6 +117,9 @@ def test_output_is_a_normal_workdir(tuned, base_run):
     variables, step = checkpoint.load_variables(workdir)
     assert step == ft["steps"] and checkpoint.load_variables(workdir, "latest")[1] == step
     model = evaluate.load_model(workdir)
+    # The fine-tuned weights carry their own temperature, fitted on the validation split.
+    assert model.calibration is not None and model.calibration["fitted_on"] == "validation"
+    assert model.temperature == model.calibration["temperature"]
     with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
         assert json.load(f)["num_examples"] == 500
     # The Recognizer reads the fine-tuned weights: same argmax as the model on MNIST-form input.
