@@ -73,9 +73,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.rotation_deg = 10.0
     c.augment.scale = 0.1  # zoom in [1 - s, 1 + s]
     c.augment.translate_px = 2.0
-    c.augment.shear_deg = 5.0
+    c.augment.shear_deg = 5.0  # slant: horizontal shear angle drawn in [-s, s]
     c.augment.elastic_alpha = 0.0  # elastic distortion magnitude in pixels; 0 disables
-    c.augment.elastic_sigma = 4.0
+    c.augment.elastic_sigma = 4.0  # smoothness (Gaussian sigma, pixels) of the elastic displacement
+    # How writers and capture differ (each example draws its own; 0 turns a transform off):
+    c.augment.stroke_thicken_px = 0.0  # strokes grown by up to this many pixels a side (grey dilation); <= 3
+    c.augment.stroke_thin_px = 0.0  # or thinned by up to this many (grey erosion): change drawn in [-thin, thicken]
+    c.augment.aspect = 0.0  # width scaled by a factor drawn log-uniformly in [1/(1+a), 1+a]
+    c.augment.stretch_prob = 0.0  # chance a digit is stretched to fill a square box (shorter side to the longer)
+    c.augment.resolution_prob = 0.0  # chance a digit is rendered at a low resolution (box averaged) and back up
+    c.augment.resolution_min_px = 8.0  # that resolution: the digit's 20 px box drawn in [min, max] px (<= 20)
+    c.augment.resolution_max_px = 16.0
+    c.augment.binarize_prob = 0.0  # chance of binarizing at a threshold drawn in [0.25, 0.75]
+    c.augment.quantize_prob = 0.0  # chance of rounding to a number of grey levels drawn in 3..16
 
     # Exponential moving average of the weights (and BatchNorm statistics), updated after every step;
     # when > 0 it is what is validated, selected as best, reported and delivered. 0 keeps none.

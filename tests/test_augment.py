@@ -92,3 +92,251 @@ def test_from_config_and_bad_ranges():
     c.augment.scale = 1.5
     with pytest.raises(ConfigError, match="scale must be < 1"):
         AugmentParams.from_config(c.augment)
+
+
+# ----------------------------------------------------------------------------------------
+# How writers and capture differ: stroke width, slant, aspect, stretch, resolution, grey levels.
+
+# Each transform at a strength with a visible effect (probabilities at 1 so every example gets it).
+WRITER = {
+    "thicken": AugmentParams(stroke_thicken_px=1.5),
+    "thin": AugmentParams(stroke_thin_px=0.8),
+    "slant": AugmentParams(shear_deg=25),
+    "aspect": AugmentParams(aspect=0.5),
+    "stretch": AugmentParams(stretch_prob=1.0),
+    "resolution": AugmentParams(resolution_prob=1.0),
+    "binarize": AugmentParams(binarize_prob=1.0),
+    "quantize": AugmentParams(quantize_prob=1.0),
+    "elastic": AugmentParams(elastic_alpha=2.0, elastic_sigma=3.0),
+}
+# The field that turns each one off at 0.
+STRENGTH = {"thicken": "stroke_thicken_px", "thin": "stroke_thin_px", "slant": "shear_deg", "aspect": "aspect",
+            "stretch": "stretch_prob", "resolution": "resolution_prob", "binarize": "binarize_prob",
+            "quantize": "quantize_prob", "elastic": "elastic_alpha"}
+ALL_WRITER = AugmentParams(rotation_deg=10, scale=0.1, translate_px=2, shear_deg=10, elastic_alpha=1.0,
+                           stroke_thicken_px=1.0, stroke_thin_px=0.5, aspect=0.3, stretch_prob=0.5,
+                           resolution_prob=0.5, binarize_prob=0.5, quantize_prob=0.5)
+
+
+def _grey_digits(n=8):
+    """Anti-aliased strokes: a blurred bar and top stroke, so grey levels and edges are realistic."""
+    return jnp.asarray(ndimage.gaussian_filter(np.asarray(_digits(n)), sigma=(0, 0.7, 0.7, 0)).clip(0, 1))
+
+
+def _box(image):
+    """(height, width) of the pixels above 0.3."""
+    ink = np.asarray(image)[..., 0] > 0.3
+    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+@pytest.mark.parametrize("name", sorted(WRITER))
+def test_writer_transform_same_key_same_output_and_range(name):
+    params = WRITER[name]
+    x = _grey_digits()
+    noise = jnp.asarray(np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32))
+    for images in (x, noise):
+        a = np.asarray(augment_batch(images, jax.random.key(5), params))
+        b = np.asarray(augment_batch(images, jax.random.key(5), params))
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == images.shape and a.dtype == images.dtype
+        assert a.min() >= 0.0 and a.max() <= 1.0 + 1e-6
+    c = np.asarray(augment_batch(x, jax.random.key(6), params))
+    a = np.asarray(augment_batch(x, jax.random.key(5), params))
+    # Another key draws other amounts (a stretch has none; thresholds may cut two-level strokes alike).
+    if name not in ("stretch", "binarize"):
+        assert np.abs(a - c).max() > 0.02
+    assert np.abs(a - np.asarray(x)).max() > 0.1  # a visible effect
+
+
+@pytest.mark.parametrize("name", sorted(WRITER))
+def test_writer_transform_off_at_zero_strength(name):
+    x = _grey_digits()
+    off = dataclasses.replace(WRITER[name], **{STRENGTH[name]: 0.0})
+    assert off.is_identity
+    np.testing.assert_array_equal(np.asarray(augment_batch(x, jax.random.key(0), off)), np.asarray(x))
+    # Alongside a rotation, a zero strength leaves exactly the rotation's output.
+    rotated = AugmentParams(rotation_deg=12)
+    with_zero = dataclasses.replace(rotated, **{STRENGTH[name]: 0.0})
+    np.testing.assert_array_equal(np.asarray(augment_batch(x, jax.random.key(0), with_zero)),
+                                  np.asarray(augment_batch(x, jax.random.key(0), rotated)))
+
+
+@pytest.mark.parametrize("field", ["stroke_thicken_px", "stroke_thin_px", "aspect", "stretch_prob",
+                                   "resolution_prob", "binarize_prob", "quantize_prob"])
+def test_writer_transform_tends_to_identity_as_strength_vanishes(field):
+    x = _grey_digits()
+    tiny = AugmentParams(**{field: 1e-7})
+    np.testing.assert_allclose(np.asarray(augment_batch(x, jax.random.key(0), tiny)), np.asarray(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["thicken", "thin", "aspect", "resolution", "quantize"])
+def test_each_example_draws_its_own_amount(name):
+    x = jnp.repeat(_grey_digits(1), 6, axis=0)
+    out = np.asarray(augment_batch(x, jax.random.key(1), WRITER[name]))
+    assert len({out[i].tobytes() for i in range(6)}) == 6
+
+
+def test_thicker_strokes_hold_more_ink_and_thinner_less():
+    x = np.asarray(_grey_digits())
+    ink = x.sum(axis=(1, 2, 3))
+    thick = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(2), WRITER["thicken"])).sum(axis=(1, 2, 3))
+    thin = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(2), WRITER["thin"])).sum(axis=(1, 2, 3))
+    assert np.all(thick > ink) and np.all(thin < ink)
+    assert thick.mean() > 1.3 * ink.mean() and thin.mean() < 0.9 * ink.mean()
+    assert np.all(thin > 0.1 * ink)  # thinned, not erased
+
+
+def test_stroke_change_is_drawn_within_its_range():
+    x = _grey_digits()
+    ink = np.asarray(x).sum(axis=(1, 2, 3))
+    one = lambda p: np.asarray(augment_batch(x, jax.random.key(0), p)).sum(axis=(1, 2, 3))
+    # No example grows past a full pixel of dilation, or thins past a full pixel of erosion.
+    assert np.all(one(AugmentParams(stroke_thicken_px=1.0)) <= one(AugmentParams(stroke_thicken_px=1.0 - 1e-9)) + 1e-3)
+    grown = one(AugmentParams(stroke_thicken_px=1.0))
+    assert np.all(grown >= ink - 1e-3)
+    thinned = one(AugmentParams(stroke_thin_px=1.0))
+    assert np.all(thinned <= ink + 1e-3)
+
+
+def test_slant_tilts_a_vertical_bar():
+    x = np.zeros((1, 28, 28, 1), np.float32)
+    x[0, 4:24, 13:15, 0] = 1.0
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(3), AugmentParams(shear_deg=25)))[0, ..., 0]
+    top = ndimage.center_of_mass(out[5:9])[1]
+    bottom = ndimage.center_of_mass(out[19:23])[1]
+    assert abs(top - bottom) > 2.0  # the bar leans; a shear keeps each row's ink
+    np.testing.assert_allclose(out.sum(axis=1)[6:22], x[0, 6:22, :, 0].sum(axis=1), rtol=0.05)
+
+
+def test_aspect_changes_the_width_not_the_height():
+    x = np.zeros((6, 28, 28, 1), np.float32)
+    x[:, 6:22, 10:18, 0] = 1.0
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(4), AugmentParams(aspect=0.5)))
+    heights, widths = zip(*(_box(o) for o in out))
+    assert set(heights) == {16}
+    assert max(abs(w - 8) for w in widths) >= 1 and all(5 <= w <= 12 for w in widths)  # factor in [1/1.5, 1.5]
+
+
+def test_stretched_digit_fills_its_box():
+    x = np.zeros((3, 28, 28, 1), np.float32)
+    x[0, 4:24, 12:15, 0] = 1.0  # a "1": 20 tall, 3 wide
+    x[1, 6:20, 8:20, 0] = 1.0  # 14 x 12
+    x[2, 10:14, 4:24, 0] = 1.0  # a dash: wider than tall
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(5), AugmentParams(stretch_prob=1.0)))
+    for before, after in zip(x, out):
+        h, w = _box(before)
+        nh, nw = _box(after)
+        assert abs(nh - max(h, w)) <= 1 and abs(nw - max(h, w)) <= 1  # square, at the longer side
+    # The centre of mass stays where it was.
+    np.testing.assert_allclose(ndimage.center_of_mass(out[0, ..., 0]), ndimage.center_of_mass(x[0, ..., 0]),
+                               atol=0.3)
+
+
+def test_stretch_probability_is_per_example():
+    x = np.zeros((64, 28, 28, 1), np.float32)
+    x[:, 4:24, 12:15, 0] = 1.0
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(6), AugmentParams(stretch_prob=0.25)))
+    stretched = np.array([_box(o)[1] > 10 for o in out])
+    assert 4 <= stretched.sum() <= 30
+    np.testing.assert_allclose(out[~stretched], x[~stretched], atol=1e-5)  # the others untouched
+
+
+def test_low_resolution_loses_detail_and_keeps_ink():
+    x = np.zeros((4, 28, 28, 1), np.float32)
+    x[:, 4:24, 4:24:2, 0] = 1.0  # one-pixel stripes: finer than any resolution drawn
+    out = np.asarray(augment_batch(jnp.asarray(x), jax.random.key(7), AugmentParams(resolution_prob=1.0)))
+    inner = (slice(None), slice(8, 20), slice(8, 20))
+    assert out[inner].std() < 0.3 * x[inner].std()
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), x.sum(axis=(1, 2, 3)), rtol=0.05)
+
+
+def test_resolution_at_mnist_size_keeps_a_smooth_digit():
+    x = _grey_digits()
+    same = AugmentParams(resolution_prob=1.0, resolution_min_px=20.0, resolution_max_px=20.0)
+    coarse = AugmentParams(resolution_prob=1.0, resolution_min_px=6.0, resolution_max_px=6.0)
+    err = lambda p: float(np.abs(np.asarray(augment_batch(x, jax.random.key(8), p)) - np.asarray(x)).mean())
+    assert err(same) < 0.5 * err(coarse)
+
+
+def test_binarized_output_has_two_levels():
+    x = _grey_digits()
+    out = np.asarray(augment_batch(x, jax.random.key(9), AugmentParams(binarize_prob=1.0)))
+    assert set(np.unique(out)) == {0.0, 1.0}
+    xs = np.asarray(x)
+    assert np.all(out[xs > 0.75] == 1.0) and np.all(out[xs < 0.25] == 0.0)
+
+
+def test_quantized_output_has_few_levels_near_the_input():
+    x = _grey_digits()
+    out = np.asarray(augment_batch(x, jax.random.key(10), AugmentParams(quantize_prob=1.0)))
+    for before, after in zip(np.asarray(x), out):
+        levels = np.unique(after)
+        assert 2 <= len(levels) <= 16
+        steps = round(1.0 / np.diff(levels).min())  # levels are multiples of 1 / (L - 1)
+        np.testing.assert_allclose(levels * steps, np.round(levels * steps), atol=1e-4)
+        assert np.abs(after - before).max() <= 0.5 / steps + 1e-6
+
+
+def test_elastic_moves_pixels_smoothly_and_keeps_most_ink():
+    x = _grey_digits()
+    out = np.asarray(augment_batch(x, jax.random.key(11), WRITER["elastic"]))
+    ink, moved = np.asarray(x).sum(axis=(1, 2, 3)), out.sum(axis=(1, 2, 3))
+    assert np.all(np.abs(moved / ink - 1) < 0.3)
+    assert np.abs(out - np.asarray(x)).max() > 0.3
+
+
+def test_all_transforms_split_over_devices_match_the_whole_batch():
+    x = jnp.concatenate([_grey_digits(8), _digits(8)])
+    key = jax.random.key(12)
+    whole = np.asarray(jax.jit(lambda im: augment_batch(im, key, ALL_WRITER))(x))
+    halves = [np.asarray(augment_batch(x[i:i + 8], key, ALL_WRITER, index_offset=i)) for i in (0, 8)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+    assert whole.min() >= 0.0 and whole.max() <= 1.0 + 1e-6
+
+
+def test_labels_are_untouched_by_the_batch_program():
+    from hwrjax import parallel, rng, train
+
+    n, b = 64, 16
+    images = jnp.asarray((np.asarray(_grey_digits(n)) * 255).astype(np.uint8))
+    labels = jnp.asarray(np.arange(n, dtype=np.int32) % 10)
+    keys = rng.RunKeys.from_seed(0)
+    order = train.epoch_order(keys.order, 0, n)
+    plain = train.make_batch_fn(AugmentParams(), keys, n, b, parallel.make_mesh())
+    augmented = train.make_batch_fn(ALL_WRITER, keys, n, b, parallel.make_mesh())
+    for step in (0, 3):
+        a, p = augmented(images, labels, order, step), plain(images, labels, order, step)
+        np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(labels)[np.asarray(order)[step * b:(step + 1) * b]])
+        np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(p["label"]))
+        assert np.abs(np.asarray(a["image"]) - np.asarray(p["image"])).max() > 0.1
+
+
+def test_writer_fields_from_config():
+    c = default.get_config()
+    base = AugmentParams.from_config(c.augment)
+    assert all(getattr(base, STRENGTH[name]) == 0 for name in STRENGTH if name not in ("slant",))
+    c.augment.stroke_thicken_px = 1.0
+    c.augment.binarize_prob = 0.3
+    p = AugmentParams.from_config(c.augment)
+    assert p.stroke_thicken_px == 1.0 and p.binarize_prob == 0.3
+    # A run saved before these fields existed reads them as off.
+    old = default.get_config().augment
+    for name in ("stroke_thicken_px", "stroke_thin_px", "aspect", "stretch_prob", "resolution_prob",
+                 "resolution_min_px", "resolution_max_px", "binarize_prob", "quantize_prob"):
+        del old[name]
+    assert AugmentParams.from_config(old) == base
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("binarize_prob", 1.5, "binarize_prob is a probability"),
+    ("stretch_prob", -0.1, "stretch_prob must be >= 0"),
+    ("stroke_thicken_px", 4.0, "stroke_thicken_px must be <= 3"),
+    ("resolution_max_px", 24.0, "resolution_min_px and resolution_max_px must satisfy"),
+])
+def test_bad_writer_fields(field, value, message):
+    c = default.get_config()
+    c.augment.resolution_prob = 0.5
+    setattr(c.augment, field, value)
+    with pytest.raises(ConfigError, match=message):
+        AugmentParams.from_config(c.augment)
