@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hwrjax import calibration as calibration_lib
 from hwrjax import evaluate as evaluate_lib
 from hwrjax.errors import CheckpointError, HwrjaxError
 
@@ -63,14 +64,14 @@ class ExportError(HwrjaxError):
 def inference_function(model: Any) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """images float32 [B,28,28,1] in [0,1] -> probabilities float32 [B,C], params closed over as constants.
 
-    `model` is a workdir (best checkpoint), a `hwrjax.evaluate.LoadedModel` or a TrainState.
+    `model` is a workdir (best checkpoint), a `hwrjax.evaluate.LoadedModel` or a TrainState. The
+    probabilities are calibrated with the model's fitted temperature (a constant of the artifact).
     """
     loaded = evaluate_lib.as_loaded_model(model)
-    apply_fn, variables = loaded.apply_fn, loaded.variables
+    apply_fn, variables, temperature = loaded.apply_fn, loaded.variables, loaded.temperature
 
     def probabilities(images: jnp.ndarray) -> jnp.ndarray:
-        logits = apply_fn(variables, images, train=False)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return calibration_lib.probabilities(apply_fn(variables, images, train=False), temperature)
 
     return probabilities
 

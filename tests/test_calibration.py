@@ -184,6 +184,17 @@ def test_evaluate_reports_calibration_before_and_after(smoke_run, tmp_path):
         c["temperatures"][0], rel=1e-4)
 
 
+def test_exported_function_is_calibrated(smoke_run, validation):
+    from hwrjax import export
+
+    workdir, _ = smoke_run
+    images = validation[0][:16]
+    model = evaluate.load_model(workdir)
+    fn = export.inference_function(model)
+    np.testing.assert_allclose(np.asarray(fn(images.astype(np.float32) / 255.0)), evaluate.predict_probs(model, images),
+                               atol=1e-5)
+
+
 def test_predict_min_confidence_marks_unsure(smoke_run, validation, tmp_path):
     workdir, _ = smoke_run
     images, labels = validation
