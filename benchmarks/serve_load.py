@@ -55,12 +55,15 @@ flags.DEFINE_string("workdir", "", "Start a server for this training workdir (el
 flags.DEFINE_string("url", "", "Base URL of a running server on this machine, e.g. http://127.0.0.1:8000.")
 flags.DEFINE_list("concurrency", ["1", "8"], "Concurrent clients of each phase, run one after another.")
 flags.DEFINE_integer("requests", 1000, "Timed requests per phase.")
+flags.DEFINE_integer("rounds", 3, "Rounds of all phases (quiet and hostile interleaved); the table shows medians.")
 flags.DEFINE_enum("images", "drawing", ["drawing", "photo"], "What the clients send (see the module docstring).")
 flags.DEFINE_enum("mode", "number", ["digit", "number"], "Query mode sent to /api/recognize.")
 flags.DEFINE_integer("warmup", 32, "Untimed requests sent before each phase.")
 flags.DEFINE_float("max_seconds", 300, "Stop a phase after this long.")
 flags.DEFINE_bool("hostile", False, "Also run each phase under attack and compare.")
 flags.DEFINE_integer("bombs", 2, "Attacker threads posting hostile images (with --hostile).")
+flags.DEFINE_multi_enum("hostile_images", ["bomb", "huge", "line"], ["bomb", "huge", "line"],
+                        "Which hostile images the attackers send (with --hostile).")
 flags.DEFINE_integer("slowloris", 50, "Connections trickling a request head (with --hostile).")
 flags.DEFINE_integer("idle", 200, "Silent connections held open (with --hostile).")
 flags.DEFINE_list("server_flags", [], "Extra flags for `hwrjax serve` (with --workdir), e.g. --max-batch=32.")
@@ -121,15 +124,20 @@ def _png(width: int, height: int, color_type: int, bit_depth: int, rows: bytes) 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
 
 
-def hostile_images() -> list[bytes]:
-    """A decompression bomb, a huge plain image under the pixel limit, and a long 1-px line."""
-    bomb = _png(30000, 30000, 0, 1, (b"\0" + b"\0" * (30000 // 8)) * 30000)
-    big = _png(6300, 6300, 6, 8, (b"\0" + b"\xff" * (6300 * 4)) * 6300)
-    line = np.full((5000, 2), 255, np.uint8)
-    line[100:4900, 0] = 0
-    buf = io.BytesIO()
-    Image.fromarray(line).save(buf, format="PNG")
-    return [bomb, big, buf.getvalue()]
+def hostile_images(kinds: list[str]) -> list[bytes]:
+    """Of `kinds`: a decompression bomb, a huge plain image under the pixel limit, a long 1-px line."""
+    images = []
+    if "bomb" in kinds:
+        images.append(_png(30000, 30000, 0, 1, (b"\0" + b"\0" * (30000 // 8)) * 30000))
+    if "huge" in kinds:
+        images.append(_png(6300, 6300, 6, 8, (b"\0" + b"\xff" * (6300 * 4)) * 6300))
+    if "line" in kinds:
+        line = np.full((5000, 2), 255, np.uint8)
+        line[100:4900, 0] = 0
+        buf = io.BytesIO()
+        Image.fromarray(line).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    return images
 
 
 def _check_loopback(url: str) -> None:
@@ -242,7 +250,7 @@ class Attack:
         parts = urllib.parse.urlsplit(url)
         self.address = (parts.hostname, parts.port)
         self.url = url
-        self.images = hostile_images()
+        self.images = hostile_images(FLAGS.hostile_images)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.counts: dict[str, int] = {}
@@ -327,18 +335,19 @@ def main(argv: list[str]) -> None:
             url = FLAGS.url.rstrip("/")
             _check_loopback(url)
         figures["url"] = url
-        for level in levels:
-            pid = proc.pid if proc is not None else None
-            quiet = run_phase(url, images, level, pid)
-            figures["phases"].append({"attack": False, **quiet})
-            print(json.dumps(figures["phases"][-1]), flush=True)
-            if FLAGS.hostile:
-                with Attack(url) as attack:
-                    hostile = run_phase(url, images, level, pid)
-                    counts = dict(attack.counts)
-                figures["phases"].append({"attack": True, **hostile, "attack_counts": counts,
-                                          "p99_ratio": round(hostile["p99_ms"] / quiet["p99_ms"], 2)})
+        pid = proc.pid if proc is not None else None
+        for r in range(FLAGS.rounds):
+            for level in levels:
+                quiet = run_phase(url, images, level, pid)
+                figures["phases"].append({"round": r, "attack": False, **quiet})
                 print(json.dumps(figures["phases"][-1]), flush=True)
+                if FLAGS.hostile:
+                    with Attack(url) as attack:
+                        hostile = run_phase(url, images, level, pid)
+                        counts = dict(attack.counts)
+                    figures["phases"].append({"round": r, "attack": True, **hostile, "attack_counts": counts,
+                                              "p99_ratio": round(hostile["p99_ms"] / quiet["p99_ms"], 2)})
+                    print(json.dumps(figures["phases"][-1]), flush=True)
     finally:
         if proc is not None:
             proc.terminate()
@@ -346,13 +355,23 @@ def main(argv: list[str]) -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    rows = [("clients", "attack", "p50 ms", "p99 ms", "server p50", "server p99", "readings/s", "server cpu ms",
-             "errors", "load")]
-    for p in figures["phases"]:
-        rows.append((str(p["concurrency"]), "yes" if p["attack"] else "no", str(p["p50_ms"]), str(p["p99_ms"]),
-                     str(p["server_p50_ms"]), str(p["server_p99_ms"]), str(p["readings_per_s"]),
-                     str(p["server_cpu_ms_per_request"]), str(p["errors"]), str(p["load_average"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    keys = ["p50_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "readings_per_s", "server_cpu_ms_per_request",
+            "client_cpu_ms_per_request", "errors", "load_average", "p99_ratio"]
+    figures["medians"] = []
+    for level in levels:
+        for attack in ([False, True] if FLAGS.hostile else [False]):
+            runs = [p for p in figures["phases"] if p["concurrency"] == level and p["attack"] == attack]
+            row = {"concurrency": level, "attack": attack, "rounds": len(runs)}
+            for k in keys:
+                values = [p[k] for p in runs if p.get(k) is not None]
+                row[k] = round(float(np.median(values)), 2) if values else None
+            figures["medians"].append(row)
+    header = ["clients", "attack", "p50 ms", "p99 ms", "server p50", "server p99", "readings/s", "server cpu ms",
+              "client cpu ms", "errors", "load", "p99 ratio"]
+    rows = [header] + [[str(m["concurrency"]), "yes" if m["attack"] else "no"] + [str(m[k]) for k in keys]
+                       for m in figures["medians"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    print(f"medians over {FLAGS.rounds} round(s):")
     print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows))
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:

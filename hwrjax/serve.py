@@ -30,8 +30,8 @@ unless the origin was allowed with --allow-origin, which also turns on CORS head
 
 Connections: a request head must arrive within `header_timeout` seconds of the connection
 opening or the previous response (slowloris), an idle connection is closed after
-`keep_alive` seconds, at most `max_connections` are open (more are closed at once), and a
-head is at most `max_header_bytes`. Memory is bounded by max_in_flight * max_upload_bytes
+`keep_alive` seconds, at most `max_connections` are open (a new one evicts the connection
+that has waited longest for a request head), and a head is at most `max_header_bytes`. Memory is bounded by max_in_flight * max_upload_bytes
 for bodies plus the decoding of `workers` + 1 images (hwrjax.preprocess bounds each).
 """
 
@@ -103,7 +103,7 @@ class Limits:
     body_timeout: float = 10.0  # seconds to receive a whole upload; slower is a 408
     header_timeout: float = 10.0  # seconds for a request head to arrive; slower connections are closed
     keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
-    max_connections: int = 256  # open connections; more are closed at once
+    max_connections: int = 1024  # open connections; a new one beyond evicts the longest idle
     max_header_bytes: int = 16 * 1024  # largest request line plus headers
 
     def __post_init__(self) -> None:
@@ -507,25 +507,37 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
 
 
 class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol plus a deadline for each request head and a cap on open connections."""
+    """uvicorn's h11 protocol plus a deadline for each request head and a cap on open connections.
+
+    At the cap, a new connection evicts the one that has waited longest for a request head
+    (idle and slowloris connections go first); only when every connection is busy with a
+    request is the new one closed instead.
+    """
 
     header_timeout = 10.0
-    max_connections = 256
+    max_connections = 1024
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self.waiting_since: float | None = None  # loop time a request head has been awaited from
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            logging.warning("Closing a new connection: %d are open already.", self.max_connections)
-            transport.close()
-            return
+            waiting = [c for c in self.connections
+                       if c is not self and getattr(c, "waiting_since", None) is not None]
+            if not waiting:
+                logging.warning("Closing a new connection: %d are open and busy.", self.max_connections)
+                transport.close()
+                return
+            min(waiting, key=lambda c: c.waiting_since).transport.close()
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
+        self.waiting_since = self.loop.time()
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
+        self.waiting_since = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -636,7 +648,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--keep-alive", type=float, default=d.keep_alive,
                         help=f"seconds an idle connection stays open (default {d.keep_alive:g})")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help=f"open connections; more are closed at once (default {d.max_connections})")
+                        help=f"open connections; a new one beyond evicts the longest idle (default {d.max_connections})")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="answers whose calibrated probability is below this (0..1) are marked unsure "

@@ -462,21 +462,34 @@ def test_idle_and_slow_connections_are_closed_by_the_server(recognizer):
             assert c.get("/api/health").status_code == 200
 
 
-def test_connections_beyond_the_cap_are_closed_at_once(recognizer):
-    with serve_in_thread(create_app(recognizer, Limits(max_connections=2, header_timeout=60))) as url:
-        held = [_connect(url) for _ in range(2)]
-        try:
+def test_connections_beyond_the_cap_evict_the_longest_idle(recognizer, number_png, monkeypatch):
+    blocked = Blocked(recognizer.prepare, block_calls=2)
+    monkeypatch.setattr(recognizer, "prepare", blocked)
+    with serve_in_thread(create_app(recognizer, Limits(max_connections=2, header_timeout=60, keep_alive=60))) as url:
+        host = urllib.parse.urlsplit(url).netloc.encode()
+        request = b"GET /api/health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        older, newer = _connect(url), _connect(url)
+        for sock in (older, newer):  # one answered request each: both now wait for their next one
+            sock.sendall(request)
+            assert b"200 OK" in sock.recv(4096)
+        with _connect(url) as third, older, newer:
+            third.sendall(request)
+            assert b"200 OK" in third.recv(4096)
+            assert _closed_by_server(older)  # evicted: it had waited longest
+            newer.sendall(request)
+            assert b"200 OK" in newer.recv(4096)
+
+    # When every open connection is busy with a request, a new one is closed at once. (A server of
+    # its own: closed connections of the part above must not linger in its count.)
+    with serve_in_thread(create_app(recognizer, Limits(max_connections=2, header_timeout=60, keep_alive=60))) as url:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            pending = [pool.submit(httpx.post, url + "/api/recognize", content=number_png, timeout=60)
+                       for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while blocked.calls < 2:
+                assert time.monotonic() < deadline, "the two readings never started"
+                time.sleep(0.01)
             with _connect(url) as extra:
                 assert _closed_by_server(extra)
-        finally:
-            for sock in held:
-                sock.close()
-        deadline = time.monotonic() + 60
-        while True:  # the server notices the two closed connections, then serves again
-            try:
-                if httpx.get(url + "/api/health", timeout=60).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never served again after the cap was freed"
-            time.sleep(0.05)
+            blocked.release.set()
+            assert [p.result().status_code for p in pending] == [200, 200]
