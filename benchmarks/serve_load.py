@@ -31,6 +31,7 @@ import io
 import ipaddress
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import struct
@@ -40,6 +41,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+from typing import Any
 
 import httpx
 import numpy as np
@@ -244,46 +246,70 @@ def run_phase(url: str, images: list[bytes], concurrency: int, server_pid: int |
 
 
 class Attack:
-    """Hostile images, slowloris heads and idle connections against the server until stopped."""
+    """Hostile images, slowloris heads and idle connections against the server, in a process of their own.
+
+    A process apart, so the attackers' threads do not share a GIL with the normal clients
+    whose latency is measured.
+    """
 
     def __init__(self, url: str):
-        parts = urllib.parse.urlsplit(url)
-        self.address = (parts.hostname, parts.port)
         self.url = url
-        self.images = hostile_images(FLAGS.hostile_images)
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
         self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._results = ctx.Queue()
+        self._proc = ctx.Process(target=_attack_main, daemon=True, args=(
+            url, list(FLAGS.hostile_images), FLAGS.bombs, FLAGS.slowloris, FLAGS.idle, self._stop, self._results))
 
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self.counts[key] = self.counts.get(key, 0) + 1
+    def __enter__(self) -> "Attack":
+        self._proc.start()
+        self._results.get(timeout=120)  # "started"
+        time.sleep(2.0)  # let the connections pile up before measuring
+        return self
 
-    def _bombs(self, k: int) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.counts = self._results.get(timeout=120)
+        self._proc.join(timeout=30)
+
+
+def _attack_main(url: str, kinds: list[str], bombs: int, slowloris: int, idle: int, stop: Any, results: Any) -> None:
+    """The attack process: runs the attackers until `stop` is set, then reports what they got."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parts = urllib.parse.urlsplit(url)
+    address = (parts.hostname, parts.port)
+    images = hostile_images(kinds)
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def count(key: str) -> None:
+        with lock:
+            counts[key] = counts.get(key, 0) + 1
+
+    def post_images(k: int) -> None:
         with httpx.Client(timeout=60) as c:
             i = k
-            while not self.stop.is_set():
+            while not stop.is_set():
                 try:
-                    r = c.post(f"{self.url}/api/recognize", content=self.images[i % len(self.images)])
-                    self._count(f"image_{r.status_code}")
+                    r = c.post(f"{url}/api/recognize", content=images[i % len(images)])
+                    count(f"image_{r.status_code}")
                 except httpx.HTTPError:
-                    self._count("image_failed")
+                    count("image_failed")
                 i += 1
 
-    def _connection(self, trickle: bool) -> None:
+    def hold_connection(trickle: bool) -> None:
         head = b"POST /api/recognize HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 4000
-        while not self.stop.is_set():
+        while not stop.is_set():
             try:
-                sock = socket.create_connection(self.address, timeout=1)
+                sock = socket.create_connection(address, timeout=1)
             except OSError:
-                self._count("connect_failed")
-                self.stop.wait(0.5)
+                count("connect_failed")
+                stop.wait(0.5)
                 continue
-            self._count("slowloris_opened" if trickle else "idle_opened")
+            count("slowloris_opened" if trickle else "idle_opened")
             with sock:
                 i = 0
-                while not self.stop.is_set():
+                while not stop.is_set():
                     try:
                         if trickle:
                             sock.sendall(head[i % len(head):i % len(head) + 1])
@@ -296,20 +322,16 @@ class Attack:
                     except OSError:
                         break
 
-    def __enter__(self) -> "Attack":
-        targets = [(self._bombs, (k,)) for k in range(FLAGS.bombs)]
-        targets += [(self._connection, (True,))] * FLAGS.slowloris + [(self._connection, (False,))] * FLAGS.idle
-        for target, args in targets:
-            t = threading.Thread(target=target, args=args, daemon=True)
-            t.start()
-            self.threads.append(t)
-        time.sleep(2.0)  # let the connections pile up before measuring
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=65)
+    targets = [(post_images, (k,)) for k in range(bombs)]
+    targets += [(hold_connection, (True,))] * slowloris + [(hold_connection, (False,))] * idle
+    threads = [threading.Thread(target=t, args=a, daemon=True) for t, a in targets]
+    for t in threads:
+        t.start()
+    results.put("started")
+    stop.wait()
+    for t in threads:
+        t.join(timeout=65)
+    results.put(counts)
 
 
 def main(argv: list[str]) -> None:
@@ -342,9 +364,10 @@ def main(argv: list[str]) -> None:
                 figures["phases"].append({"round": r, "attack": False, **quiet})
                 print(json.dumps(figures["phases"][-1]), flush=True)
                 if FLAGS.hostile:
-                    with Attack(url) as attack:
+                    attack = Attack(url)
+                    with attack:
                         hostile = run_phase(url, images, level, pid)
-                        counts = dict(attack.counts)
+                    counts = attack.counts
                     figures["phases"].append({"round": r, "attack": True, **hostile, "attack_counts": counts,
                                               "p99_ratio": round(hostile["p99_ms"] / quiet["p99_ms"], 2)})
                     print(json.dumps(figures["phases"][-1]), flush=True)

@@ -34,7 +34,7 @@ from hwrjax import calibration, checkpoint, models, preprocess
 from hwrjax.errors import CheckpointError, HwrjaxError
 from hwrjax.preprocess import ImageError
 
-__all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "predict_main"]
+__all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "predict_main", "prepare_image"]
 
 MODES = ("number", "digit")
 # Extensions `hwrjax predict` picks up when it walks a folder (files named directly are always read).
@@ -234,21 +234,7 @@ class Recognizer:
 
     def prepare(self, image: ImageInput, mode: str = "number") -> np.ndarray:
         """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode); raises ImageError."""
-        _check_mode(mode)
-        if isinstance(image, np.ndarray) or (hasattr(image, "__array__") and not isinstance(image, (bytes, str))):
-            array = np.asarray(image)
-            if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
-                return _mnist_form(array.reshape(MNIST_SHAPE))[None]
-            grey = array
-        else:
-            try:
-                grey = preprocess.load_image(image)
-            except (OSError, SyntaxError, EOFError) as e:  # Pillow's errors for damaged files of a known format
-                name = repr(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "image data"
-                raise ImageError(f"{name} cannot be decoded ({e}); re-export it as PNG, JPEG or BMP") from None
-        if mode == "digit":
-            return preprocess.to_mnist(grey)[None]
-        return np.stack(preprocess.split_digits(grey, max_digits=self.max_digits))
+        return prepare_image(image, mode, self.max_digits)
 
     def read(self, image: ImageInput, mode: str = "number", min_confidence: float | None = None) -> Reading:
         """Reads one image; raises ImageError (not a Reading with `error`) when it cannot.
@@ -300,6 +286,28 @@ class Recognizer:
             offset += k
             readings.append(Reading.from_probabilities(p, ms + model, threshold))
         return readings
+
+
+def prepare_image(image: ImageInput, mode: str = "number", max_digits: int = 12) -> np.ndarray:
+    """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode, at most `max_digits`); raises ImageError.
+
+    Needs no model, so other processes (hwrjax serve's slow lane) can run it.
+    """
+    _check_mode(mode)
+    if isinstance(image, np.ndarray) or (hasattr(image, "__array__") and not isinstance(image, (bytes, str))):
+        array = np.asarray(image)
+        if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
+            return _mnist_form(array.reshape(MNIST_SHAPE))[None]
+        grey = array
+    else:
+        try:
+            grey = preprocess.load_image(image)
+        except (OSError, SyntaxError, EOFError) as e:  # Pillow's errors for damaged files of a known format
+            name = repr(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "image data"
+            raise ImageError(f"{name} cannot be decoded ({e}); re-export it as PNG, JPEG or BMP") from None
+    if mode == "digit":
+        return preprocess.to_mnist(grey)[None]
+    return np.stack(preprocess.split_digits(grey, max_digits=max_digits))
 
 
 def check_min_confidence(value: Any) -> float:

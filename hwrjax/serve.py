@@ -17,11 +17,13 @@ streaming before the rest is read), 503 with Retry-After when `max_in_flight` re
 already being answered, 404/405 for unknown routes and methods.
 
 How a reading is made: small images (the page's drawings, scans up to LIGHT_PIXELS) are
-preprocessed in a pool of `workers` threads; larger ones in one slow-lane thread of lower
-OS priority, at most `heavy_queue` waiting, so photos and hostile images cannot delay the
-drawings. The digit crops of all requests waiting at that moment are classified in one
-model call by a MicroBatcher, padded to a power-of-two batch size (each compiled at start).
-`latency_ms` is the server's time from the complete upload to the reading.
+preprocessed in a pool of `workers` threads. Larger ones (photos, hostile sizes) go to the
+slow lane: one worker process of lower CPU priority with its own GIL, at most `slow_memory_mb`
+and `slow_timeout` per image (it is killed and restarted past them), at most `slow_queue`
+waiting (more get a prompt 503), so they cannot delay the drawings nor take the service down.
+The digit crops of all requests waiting at that moment are classified in one model call by a
+MicroBatcher, padded to a power-of-two batch size (each compiled at start). `latency_ms` is
+the server's time from the complete upload to the reading.
 
 Who may use it: requests must name this server in their Host header (the bound address,
 its loopback aliases, or a name given with --allow-host), which defeats DNS rebinding;
@@ -29,10 +31,11 @@ POSTs from another origin (Origin, or Sec-Fetch-Site when Origin is absent) are 
 unless the origin was allowed with --allow-origin, which also turns on CORS headers for it.
 
 Connections: a request head must arrive within `header_timeout` seconds of the connection
-opening or the previous response (slowloris), an idle connection is closed after
-`keep_alive` seconds, at most `max_connections` are open (a new one evicts the connection
-that has waited longest for a request head), and a head is at most `max_header_bytes`. Memory is bounded by max_in_flight * max_upload_bytes
-for bodies plus the decoding of `workers` + 1 images (hwrjax.preprocess bounds each).
+opening or the previous response (slowloris), an idle connection is closed after `keep_alive`
+seconds, at most `max_connections` are open (a new one evicts the connection that has waited
+longest for a request head), and a head is at most `max_header_bytes`. Memory is bounded by
+max_in_flight * max_upload_bytes for bodies, plus `workers` small images being read, plus the
+slow lane's cap.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import importlib.resources
 import io
 import ipaddress
 import math
+import multiprocessing
 import os
 import queue
 import socket
@@ -76,7 +80,7 @@ except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
 
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
-from hwrjax.recognize import MODES, Reading, Recognizer, check_min_confidence, quiet_loading
+from hwrjax.recognize import MODES, Reading, Recognizer, check_min_confidence, prepare_image, quiet_loading
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "Limits", "MicroBatcher", "create_app", "serve_in_thread",
            "serve_main"]
@@ -98,7 +102,9 @@ class Limits:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # largest accepted image; more is a 413
     max_in_flight: int = 32  # readings being answered at once; more get a prompt 503
     workers: int = 2  # threads preprocessing small images
-    heavy_queue: int = 2  # large images waiting for the one slow-lane thread; more get a 503
+    slow_queue: int = 2  # large images waiting for the slow lane; more get a prompt 503
+    slow_timeout: float = 10.0  # seconds the slow lane may spend on one image; longer is a 400
+    slow_memory_mb: int = 1024  # memory the slow lane may use on one image; more is a 400
     max_batch: int = 16  # digit crops per model call (a power of two, at least max_digits)
     body_timeout: float = 10.0  # seconds to receive a whole upload; slower is a 408
     header_timeout: float = 10.0  # seconds for a request head to arrive; slower connections are closed
@@ -107,12 +113,12 @@ class Limits:
     max_header_bytes: int = 16 * 1024  # largest request line plus headers
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_in_flight", "workers", "heavy_queue", "max_batch", "max_connections",
-                     "max_header_bytes"):
+        for name in ("max_upload_bytes", "max_in_flight", "workers", "slow_queue", "slow_memory_mb", "max_batch",
+                     "max_connections", "max_header_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("body_timeout", "header_timeout", "keep_alive"):
+        for name in ("body_timeout", "header_timeout", "keep_alive", "slow_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -268,27 +274,138 @@ def _is_light(data: bytes) -> bool:
     return w * h <= LIGHT_PIXELS
 
 
-def _lower_priority() -> None:
-    """Lowers the calling thread's CPU priority (Linux nice is per thread), so it yields to the fast lane."""
+def _data_bytes() -> int:
+    """This process's data segment size (Linux /proc), which RLIMIT_DATA bounds; 0 if unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmData:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _slow_lane_worker(conn: Any, max_digits: int, memory_bytes: int) -> None:
+    """The slow lane's process: reads the images sent over `conn` one at a time, nice'd, with capped memory."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
     if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        import resource
+
+        with contextlib.suppress(ValueError, OSError):
+            cap = _data_bytes() + memory_bytes
+            resource.setrlimit(resource.RLIMIT_DATA, (cap, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+    conn.send(("ready", None))
+    while True:
+        try:
+            data, mode = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("ok", prepare_image(data, mode, max_digits))
+        except ImageError as e:
+            reply = ("error", str(e))
+        except MemoryError:
+            reply = ("error", f"reading this image needs over {memory_bytes // 2**20} MiB of memory; downscale it")
+        except Exception as e:  # A bug: reported to the parent, which answers 500 and logs it.
+            reply = ("bug", f"{type(e).__name__}: {e}")
+        del data
+        conn.send(reply)
+
+
+class _SlowLane:
+    """A worker process reading large images one at a time, apart from the server's own threads.
+
+    Its own GIL and a lower CPU priority keep it from delaying the fast lane and the event
+    loop; its memory is capped (RLIMIT_DATA), and it is killed and started anew when an image
+    takes over `timeout` seconds or it dies, so no image can take the service down.
+    """
+
+    _START_TIMEOUT = 120.0  # seconds for a new worker to import its modules (a loaded machine is slow)
+
+    def __init__(self, max_digits: int, timeout: float, memory_bytes: int):
+        self.max_digits, self.timeout, self.memory_bytes = max_digits, timeout, memory_bytes
+        self.reads = 0  # images answered (read or refused), for tests and logs
+        self._proc: Any = None
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Starts the worker process unless it is running."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        self._stop()
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs JAX threads
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_slow_lane_worker, args=(child, self.max_digits, self.memory_bytes), daemon=True,
+                           name="hwrjax-slow-lane")
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+        if not parent.poll(self._START_TIMEOUT) or parent.recv()[0] != "ready":
+            self._stop()
+            raise RuntimeError("the slow-lane worker process did not start")
+
+    def _stop(self) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if proc is not None:
+            proc.kill()
+            proc.join(timeout=10)
+        if conn is not None:
+            conn.close()
+
+    def prepare(self, data: bytes, mode: str) -> np.ndarray:
+        """MNIST-form crops of one image, read in the worker; raises ImageError."""
+        with self._lock:
+            self._ensure()
+            conn = self._conn
+            try:
+                conn.send((data, mode))
+                reply = conn.recv() if conn.poll(self.timeout) else ("timeout", None)
+            except (EOFError, OSError):
+                reply = ("died", None)
+            if reply[0] in ("timeout", "died"):
+                self._stop()
+                logging.warning("Slow-lane worker %s on an image of %d bytes; starting a new one.",
+                                "timed out" if reply[0] == "timeout" else "died", len(data))
+                raise ImageError(f"reading this image took over {self.timeout:g} s or "
+                                 f"{self.memory_bytes // 2**20} MiB; send a smaller image")
+            self.reads += 1
+        kind, value = reply
+        if kind == "ok":
+            return value
+        if kind == "error":
+            raise ImageError(value)
+        raise RuntimeError(f"the slow lane failed on an image: {value}")
+
+    def close(self) -> None:
+        """Stops the worker process (an image being read gets an ImageError)."""
+        proc = self._proc
+        if proc is not None:
+            proc.kill()  # first, so a read in progress ends and lets go of the lock
+        with self._lock:
+            self._stop()
 
 
 class _Lanes:
-    """Preprocessing pools: `workers` threads for small images, one low-priority thread for large ones."""
+    """Preprocessing: `workers` threads for small images, a worker process (the slow lane) for large ones."""
 
     def __init__(self, recognizer: Recognizer, limits: Limits):
         self.recognizer = recognizer
         self.limits = limits
-        self.heavy_waiting = 0
+        self.slow = _SlowLane(recognizer.max_digits, limits.slow_timeout, limits.slow_memory_mb * 2**20)
+        self.slow_waiting = 0
         self._pools: tuple[concurrent.futures.Executor, concurrent.futures.Executor] | None = None
 
     def _executors(self) -> tuple[concurrent.futures.Executor, concurrent.futures.Executor]:
         if self._pools is None:  # Made on first use, so an app can be started again after close().
             self._pools = (concurrent.futures.ThreadPoolExecutor(self.limits.workers, thread_name_prefix="hwrjax-prep"),
-                           concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hwrjax-prep-large",
-                                                                 initializer=_lower_priority))
+                           concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hwrjax-slow-lane"))
         return self._pools
 
     def _prepare_light(self, data: bytes, mode: str) -> np.ndarray | None:
@@ -297,23 +414,24 @@ class _Lanes:
     async def prepare(self, data: bytes, mode: str) -> np.ndarray:
         """MNIST-form crops of an upload; raises ImageError, or _Busy when the slow lane is full."""
         loop = asyncio.get_running_loop()
-        light, heavy = self._executors()
+        light, slow = self._executors()
         crops = await loop.run_in_executor(light, self._prepare_light, data, mode)
         if crops is not None:
             return crops
-        if self.heavy_waiting >= self.limits.heavy_queue:
+        if self.slow_waiting >= self.limits.slow_queue:
             raise _Busy("large images")
-        self.heavy_waiting += 1
+        self.slow_waiting += 1
         try:
-            return await loop.run_in_executor(heavy, self.recognizer.prepare, data, mode)
+            return await loop.run_in_executor(slow, self.slow.prepare, data, mode)
         finally:
-            self.heavy_waiting -= 1
+            self.slow_waiting -= 1
 
     def close(self) -> None:
-        """Stops the threads; work not started is dropped."""
+        """Stops the threads and the worker process; work not started is dropped."""
         pools, self._pools = self._pools, None
         for pool in pools or ():
             pool.shutdown(wait=False, cancel_futures=True)
+        self.slow.close()
 
 
 # ------------------------------------------------------------------------ who may call
@@ -466,7 +584,7 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
         except ImageError as e:
             return _error(400, str(e))
         except _Busy:
-            return _error(503, f"busy: {limits.heavy_queue} large images are waiting; retry in a second, or send a "
+            return _error(503, f"busy: {limits.slow_queue} large images are waiting; retry in a second, or send a "
                                f"smaller image (at most {LIGHT_PIXELS:,} pixels takes the fast lane)",
                           {"Retry-After": "1"})
         probs = await asyncio.wrap_future(batcher.submit(crops))
@@ -486,7 +604,7 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
         try:
             yield
         finally:
-            lanes.close()
+            await anyio.to_thread.run_sync(lanes.close)
             await anyio.to_thread.run_sync(batcher.close)
 
     routes = [
@@ -641,6 +759,10 @@ def serve_main(argv: list[str]) -> int:
                         help=f"readings answered at once; more get 503 (default {d.max_in_flight})")
     parser.add_argument("--workers", type=int, default=d.workers,
                         help=f"threads preprocessing small images (default {d.workers})")
+    parser.add_argument("--slow-timeout", type=float, default=d.slow_timeout,
+                        help=f"seconds the slow lane may spend reading one large image (default {d.slow_timeout:g})")
+    parser.add_argument("--slow-memory-mb", type=int, default=d.slow_memory_mb,
+                        help=f"MiB the slow lane may use reading one large image (default {d.slow_memory_mb})")
     parser.add_argument("--max-batch", type=int, default=d.max_batch,
                         help=f"digits per model call, a power of two (default {d.max_batch})")
     parser.add_argument("--timeout", type=float, default=d.body_timeout,
@@ -663,7 +785,8 @@ def serve_main(argv: list[str]) -> int:
     try:
         limits = Limits(max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)), max_in_flight=args.max_in_flight,
                         workers=args.workers, max_batch=args.max_batch, body_timeout=args.timeout,
-                        header_timeout=args.timeout, keep_alive=args.keep_alive,
+                        header_timeout=args.timeout, keep_alive=args.keep_alive, slow_timeout=args.slow_timeout,
+                        slow_memory_mb=args.slow_memory_mb,
                         max_connections=args.max_connections)
     except ValueError as e:  # "field must ..." said of the flag that set it
         field, _, rest = str(e).partition(" ")
@@ -693,6 +816,7 @@ def serve_main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     recognizer.warmup(limits.max_batch)
     logging.info("Compiled batch sizes 1-%d in %.1f s.", limits.max_batch, time.perf_counter() - t0)
+    app.state.lanes.slow.start()
     host, port = sock.getsockname()[:2]
     sys.stderr.write(f"hwrjax serve: http://{host if ':' not in host else f'[{host}]'}:{port}/ (Ctrl-C to stop)\n")
     config = _uvicorn_config(app, log_level="info", access_log=not args.no_access_log, timeout_graceful_shutdown=5)

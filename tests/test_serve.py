@@ -145,7 +145,7 @@ def test_bad_uploads_are_400_json(client, body, needle):
 
 
 def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
-    """An image over LIGHT_PIXELS is read in the slow lane with the same result as a direct read."""
+    """An image over LIGHT_PIXELS is read in the slow lane's process with the same result as a direct read."""
     from hwrjax.serve import LIGHT_PIXELS
 
     big = np.full((600, 600), 255, np.uint8)
@@ -153,21 +153,37 @@ def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
     assert big.size > LIGHT_PIXELS
     data = png_bytes(big)
     app = create_app(recognizer)
-    threads = []
-    prepare = recognizer.prepare
-
-    def spy(*args):
-        threads.append(threading.current_thread().name)
-        return prepare(*args)
-
-    recognizer.prepare = spy
     try:
-        (r,) = asgi_requests(app, ("POST", "/api/recognize", {"content": data}))
+        r, small = asgi_requests(app, ("POST", "/api/recognize", {"content": data}),
+                                 ("POST", "/api/recognize", {"content": png_bytes(draw_digit(7))}))
+        assert r.status_code == 200 and small.status_code == 200, r.text
+        assert r.json()["text"] == recognizer.read(data).text
+        assert app.state.lanes.slow.reads == 1  # the large one only
     finally:
-        del recognizer.prepare
-    assert r.status_code == 200, r.text
-    assert r.json()["text"] == recognizer.read(data).text
-    assert threads and threads[0].startswith("hwrjax-prep-large")
+        app.state.lanes.close()
+
+
+def test_the_slow_lane_survives_images_over_its_time_and_memory(recognizer):
+    app = create_app(recognizer, Limits(slow_memory_mb=64))
+    slow = app.state.lanes.slow
+    big = np.full((600, 600), 255, np.uint8)
+    big[150:450, 280:320] = 0
+    huge = png_bytes(np.full((6000, 6000, 4), 255, np.uint8))  # 144 MB once decoded
+    try:
+        (r,) = asgi_requests(app, ("POST", "/api/recognize", {"content": huge}))
+        assert r.status_code == 400, r.text
+        slow.start()
+        first_worker = slow._proc.pid
+        slow.timeout = 0.0  # no image can be read in no time: the worker is killed and replaced
+        (late,) = asgi_requests(app, ("POST", "/api/recognize", {"content": png_bytes(big)}))
+        assert late.status_code == 400 and "took over" in late.json()["error"]
+        assert slow._proc is None
+        slow.timeout = 60.0
+        (ok,) = asgi_requests(app, ("POST", "/api/recognize", {"content": png_bytes(big)}))
+        assert ok.status_code == 200, ok.text
+        assert slow._proc.pid != first_worker
+    finally:
+        app.state.lanes.close()
 
 
 def test_oversized_uploads_are_413(client, number_png):
