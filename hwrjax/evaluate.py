@@ -351,7 +351,7 @@ def calibrate(workdir: str, which: str | int = "best", batch_size: int | None = 
     model = load_model(workdir, which)
     images, labels = load_split(builder, tfds_split)
     batch = batch_size or int(config.get("eval_batch_size", 1000))
-    record = fit_calibration(model, images, labels, batch_size=batch, split=tfds_split)
+    record = fit_calibration(model, images, labels, batch_size=batch)
     path = calibration_lib.save_calibration(workdir, model.step, record)
     return dict(record, step=model.step, path=path)
 
