@@ -482,15 +482,12 @@ def _calibration_summary(models: Sequence[LoadedModel], labels: np.ndarray, raw:
     }
 
 
-def _folder_split(split: str, workdir: str, which: str | int, num_classes: int
-                  ) -> tuple[labelled_lib.LabelledSplit, int]:
-    """A labelled folder read through the Recognizer of `workdir`; (split, files listed)."""
-    from hwrjax.recognize import Recognizer
-
+def _folder_split(split: str, num_classes: int) -> tuple[labelled_lib.LabelledSplit, int]:
+    """A labelled folder read as the Recognizer reads digits; (split, files listed)."""
     scan = labelled_lib.scan_labelled_folder(split, num_classes=num_classes)
     for path, why in scan.skipped:
         logging.warning("Skipping %s: %s", path, why)
-    read = labelled_lib.read_labelled_folder(scan, Recognizer.from_workdir(workdir, which))
+    read = labelled_lib.read_labelled_folder(scan)
     for path, error in read.unreadable:
         logging.warning("Cannot read %s: %s", path, error)
     if not read.paths:
@@ -525,7 +522,7 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
     if is_labelled_folder(split):
         models = [load_model(w, which) for w in workdirs]
         check_same_dataset(models)
-        folder, listed = _folder_split(split, workdirs[0], which, models[0].num_classes)
+        folder, listed = _folder_split(split, models[0].num_classes)
         images, labels = folder.images, folder.labels
         class_names = tuple(str(c) for c in range(models[0].num_classes))
         dataset, tfds_split = "labelled folder", os.path.abspath(split)

@@ -1,7 +1,7 @@
 """A folder of labelled images as a split: FOLDER/<digit>/<image>, one sub-folder per class.
 
     scan = scan_labelled_folder("my_digits/")      # bounded listing, no image read yet
-    split = read_labelled_folder(scan, recognizer)  # each file through Recognizer.prepare(path, "digit")
+    split = read_labelled_folder(scan)              # each file as the Recognizer reads it in digit mode
 
 `hwrjax evaluate --split=FOLDER` and `hwrjax predict --labelled FOLDER` read a user's own
 handwriting this way. The listing is bounded before any image is decoded: at most
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hwrjax.errors import DataError, HwrjaxError
-from hwrjax.recognize import IMAGE_EXTENSIONS
+from hwrjax.recognize import IMAGE_EXTENSIONS, prepare_image
 
 __all__ = ["MAX_FILES", "MAX_FILE_BYTES", "LabelledFolder", "LabelledSplit", "read_labelled_folder",
            "scan_labelled_folder"]
@@ -124,13 +124,14 @@ def scan_labelled_folder(folder: str, num_classes: int = 10, max_files: int = MA
                           skipped=tuple(skipped))
 
 
-def read_labelled_folder(scan: LabelledFolder, recognizer: Any) -> LabelledSplit:
-    """Reads every listed file through `recognizer.prepare(path, "digit")` (the Recognizer's own
-    preprocessing); files it cannot read are listed as unreadable with its one-line reason."""
+def read_labelled_folder(scan: LabelledFolder) -> LabelledSplit:
+    """Reads every listed file through the Recognizer's own preprocessing in digit mode
+    (`hwrjax.recognize.prepare_image`); files it cannot read are listed as unreadable with the
+    one-line reason."""
     images, labels, paths, unreadable = [], [], [], []
     for path, label in zip(scan.paths, scan.labels.tolist()):
         try:
-            crop = recognizer.prepare(path, mode="digit")
+            crop = prepare_image(path, mode="digit")
         except (HwrjaxError, OSError) as e:  # preprocess.ImageError is a HwrjaxError
             unreadable.append((path, str(e)))
             continue
