@@ -82,14 +82,16 @@ from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
 from hwrjax.recognize import MODES, Reading, Recognizer, check_min_confidence, prepare_image, quiet_loading
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "Limits", "MicroBatcher", "create_app", "serve_in_thread",
-           "serve_main"]
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "LIGHT_SIDE", "Limits", "MicroBatcher", "create_app",
+           "serve_in_thread", "serve_main"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # a large phone photo fits; the page sends ~2 KB
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries on top of the image itself
-# Images of at most this many pixels (and LIGHT_BYTES) take the fast lane: the page's 640x256
-# canvas, tight crops, small scans. Larger ones (photos, hostile sizes) take the slow lane.
+# Images of at most this many pixels, this long a side and LIGHT_BYTES take the fast lane: the
+# page's 640x256 canvas, tight crops, small scans. Larger ones (photos, hostile sizes, long thin
+# strips) take the slow lane.
 LIGHT_PIXELS = 512 * 512
+LIGHT_SIDE = 1024
 LIGHT_BYTES = 1024 * 1024
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -259,7 +261,7 @@ class MicroBatcher:
 
 
 def _is_light(data: bytes) -> bool:
-    """True for uploads cheap to read: few bytes and, by the image header, few pixels."""
+    """True for uploads cheap to read: few bytes and, by the image header, few pixels and no long side."""
     if len(data) > LIGHT_BYTES:
         return False
     try:
@@ -271,7 +273,7 @@ def _is_light(data: bytes) -> bool:
         return False
     except Exception:  # Not an image Pillow knows: preprocessing refuses it at once.
         return True
-    return w * h <= LIGHT_PIXELS
+    return w * h <= LIGHT_PIXELS and max(w, h) <= LIGHT_SIDE
 
 
 def _data_bytes() -> int:
@@ -483,8 +485,9 @@ class _Guard:
         name = _host_name(host)
         if not (name in self.hosts or (self.any_ip and _is_ip(name))):
             shown = host[:100]
-            return await _error(403, f"Host {shown!r} is not served here; use the server's own address, or start "
-                                     f"hwrjax serve with --allow-host={_host_name(shown) or 'NAME'}")(scope, receive, send)
+            refusal = _error(403, f"Host {shown!r} is not served here; use the server's own address, or start "
+                                  f"hwrjax serve with --allow-host={_host_name(shown) or 'NAME'}")
+            return await refusal(scope, receive, send)
         origin = headers.get("origin", "").rstrip("/").lower()
         own = origin == f"{scope.get('scheme', 'http')}://{host.strip().lower()}"
         allowed = bool(origin) and origin in self.origins
@@ -585,7 +588,7 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
             return _error(400, str(e))
         except _Busy:
             return _error(503, f"busy: {limits.slow_queue} large images are waiting; retry in a second, or send a "
-                               f"smaller image (at most {LIGHT_PIXELS:,} pixels takes the fast lane)",
+                               f"smaller image (at most {LIGHT_PIXELS:,} pixels and {LIGHT_SIDE} a side is quick)",
                           {"Retry-After": "1"})
         probs = await asyncio.wrap_future(batcher.submit(crops))
         r = Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3, min_confidence)
@@ -770,7 +773,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--keep-alive", type=float, default=d.keep_alive,
                         help=f"seconds an idle connection stays open (default {d.keep_alive:g})")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help=f"open connections; a new one beyond evicts the longest idle (default {d.max_connections})")
+                        help=f"open connections; one more evicts the longest idle (default {d.max_connections})")
     parser.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="answers whose calibrated probability is below this (0..1) are marked unsure "

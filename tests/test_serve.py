@@ -145,7 +145,7 @@ def test_bad_uploads_are_400_json(client, body, needle):
 
 
 def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
-    """An image over LIGHT_PIXELS is read in the slow lane's process with the same result as a direct read."""
+    """Images over LIGHT_PIXELS or LIGHT_SIDE are read in the slow lane's process, as a direct read would."""
     from hwrjax.serve import LIGHT_PIXELS
 
     big = np.full((600, 600), 255, np.uint8)
@@ -159,6 +159,11 @@ def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
         assert r.status_code == 200 and small.status_code == 200, r.text
         assert r.json()["text"] == recognizer.read(data).text
         assert app.state.lanes.slow.reads == 1  # the large one only
+        strip = np.full((2000, 3), 255, np.uint8)  # few pixels, but a long side (issue 18's thin line)
+        strip[50:1950, 1] = 0
+        (thin,) = asgi_requests(app, ("POST", "/api/recognize", {"content": png_bytes(strip)}))
+        assert thin.status_code in (200, 400), thin.text
+        assert app.state.lanes.slow.reads == 2
     finally:
         app.state.lanes.close()
 
