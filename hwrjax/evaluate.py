@@ -527,6 +527,9 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
         class_names = tuple(str(c) for c in range(models[0].num_classes))
         dataset, tfds_split = "labelled folder", os.path.abspath(split)
     else:
+        if os.sep in split or split.startswith((".", "~")):  # meant as a folder: tfds split names hold no "/"
+            raise DataError(f"{split} is not a folder; pass a folder holding sub-folders 0..9 of images, or a split "
+                            "(test, validation, train or a tfds split such as 'test[:1000]')")
         builder = _builder(config)
         tfds_split, expected = resolve_split(config, split, builder)
         models = [load_model(w, which) for w in workdirs]

@@ -301,6 +301,8 @@ def test_labelled_folder_bounds(tmp_path):
         labelled.scan_labelled_folder(str(folder), max_file_bytes=10)
     with pytest.raises(DataError, match="not a folder"):
         labelled.scan_labelled_folder(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="is not a folder"):
+        evaluate.run_evaluation(conftest.make_workdir(str(tmp_path / "run")), split=str(tmp_path / "missing"))
     (tmp_path / "empty" / "2").mkdir(parents=True)
     with pytest.raises(DataError, match="no image files"):
         labelled.scan_labelled_folder(str(tmp_path / "empty"))
