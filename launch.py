@@ -1,4 +1,11 @@
-"""Train a recipe: python launch.py --config=configs/resnet.py --workdir=runs/resnet"""
+"""Train a recipe: python launch.py --config=configs/resnet.py --workdir=runs/resnet
+
+Exit status: 0 trained and reported, or stopped by SIGTERM / Ctrl-C after saving a checkpoint
+(rerun the same command to resume); 2 a one-line error (bad flags or config, a workdir in use
+by another run, damaged files, a full disk); 3 training diverged (a non-finite loss or gradient
+norm; the last finite checkpoint stays the newest: rerun with a lower learning rate and
+--allow_config_change to resume from it).
+"""
 
 import os
 import re
@@ -33,10 +40,19 @@ def main(argv):
                                       FLAGS.compilation_cache_dir))
 
 
+def _last_line(e: Exception) -> str:
+    """The last non-empty line of an error's text (config_flags puts a traceback before it)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    return re.sub(r"^\w+(Error|Exception): ", "", text)
+
+
 def parse_flags(argv):
-    """Parses flags, turning a bad --config.* override into one line naming the fix."""
+    """Parses flags and loads the recipe, turning a bad --config or --config.* override into one line."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # a recipe file that failed to load raises here, not in the middle of the run
+        return rest
     except (AttributeError, KeyError) as e:
         text = str(e).replace("\\", "")
         names = re.findall(r"'(\w+)'", text)
@@ -48,7 +64,16 @@ def parse_flags(argv):
                          "fix the --config.* name (every field is listed in configs/default.py)\n")
         sys.exit(2)
     except flags.Error as e:
-        sys.stderr.write(f"hwrjax: error: {e}\n")
+        text = str(e)
+        if "\n" in text:  # a recipe's own error, after config_flags' traceback
+            given = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+            text = f"{given}: {_last_line(e)}"
+        sys.stderr.write(f"hwrjax: error: {text}\n")
+        sys.exit(2)
+    except (OSError, ValueError, TypeError, SyntaxError, ImportError) as e:  # the recipe file cannot be loaded
+        given = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
+        sys.stderr.write(f"hwrjax: error: cannot load {given} ({_last_line(e)}); pass a recipe file such as "
+                         "--config=configs/resnet.py or configs/resnet.py:smoke\n")
         sys.exit(2)
 
 

@@ -6,22 +6,27 @@ Layout under a workdir:
   best/<step>/{model,opt,meta}          the best validation checkpoint (inference)
 `model` holds params and batch statistics (and, for runs that keep one, their moving
 average under `ema`), `opt` the step and optimizer state, and
-`meta` (JSON) the early-stopping bookkeeping. The data position is not saved: it follows
-from the step (see hwrjax.train).
+`meta` (JSON) the early-stopping bookkeeping and a sha256 of each array item (`checksums`),
+checked on every restore: a checkpoint whose arrays do not match is damaged. Non-finite
+weights are never saved. The data position is not saved: it follows from the step (see
+hwrjax.train).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from hwrjax.errors import CheckpointError
+from hwrjax.errors import CheckpointError, Diverged
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -58,6 +63,64 @@ def _opt_tree(state: Any) -> dict:
     return {"step": state.step, "opt_state": state.opt_state}
 
 
+CHECKSUMS = "checksums"  # meta key: {"model": sha256, "opt": sha256} of the saved arrays
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """A leaf as a host array; a replicated array spanning other processes gives its local copy."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        leaf = leaf.addressable_shards[0].data
+    return np.asarray(leaf)
+
+
+def tree_checksum(tree: Any) -> str:
+    """sha256 of every array of `tree` (dtype, shape and bytes, in leaf order)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = _host(leaf)
+        h.update(f"{a.dtype.name}{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of the floating-point arrays of `tree` that hold a NaN or an infinity."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = _host(leaf)
+        if jax.numpy.issubdtype(a.dtype, jax.numpy.floating) and not np.isfinite(a.astype(np.float32)).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def _verify(items: dict, meta: dict | None) -> str | None:
+    """Why the restored `items` cannot be trusted (a checksum mismatch, non-finite weights), or None."""
+    sums = (meta or {}).get(CHECKSUMS)
+    if isinstance(sums, dict):
+        for name, tree in items.items():
+            if sums.get(name) != tree_checksum(tree):
+                return f"the {name} arrays do not match their checksum"
+    else:  # Saved before checkpoints carried checksums: at least refuse non-finite weights.
+        logging.warning("This checkpoint carries no checksum (saved by an older hwrjax); it cannot be verified.")
+    for name, tree in items.items():
+        bad = non_finite_leaves(tree)
+        if bad:
+            return f"the {name} arrays hold non-finite values ({bad[0]})"
+    return None
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Checkpointer:
     """Saves and restores a TrainState plus JSON metadata in a workdir."""
 
@@ -71,22 +134,44 @@ class Checkpointer:
                                           item_handlers=_handlers())
 
     @staticmethod
-    def _args(state: Any, meta: dict) -> ocp.args.Composite:
-        return ocp.args.Composite(model=ocp.args.StandardSave(_model_tree(state)),
-                                  opt=ocp.args.StandardSave(_opt_tree(state)),
+    def _args(step: int, state: Any, meta: dict) -> ocp.args.Composite:
+        model, opt = _model_tree(state), _opt_tree(state)
+        bad = non_finite_leaves(model) + non_finite_leaves(opt)
+        if bad:
+            raise Diverged(f"the weights at step {step} are not finite ({bad[0]}); they were not saved")
+        meta = dict(meta, **{CHECKSUMS: {"model": tree_checksum(model), "opt": tree_checksum(opt)}})
+        return ocp.args.Composite(model=ocp.args.StandardSave(model), opt=ocp.args.StandardSave(opt),
                                   meta=ocp.args.JsonSave(meta))
 
+    def _write(self, what: str, step: int | None, action: Callable[[], Any]) -> Any:
+        """Runs an Orbax call that writes; a failed write becomes one CheckpointError line."""
+        try:
+            return action()
+        except Exception as e:  # Orbax and tensorstore raise many types for failed writes.
+            saved = self.latest.latest_step()
+            kept = (f"the checkpoint of step {saved} is kept" if saved is not None else "no checkpoint was saved yet")
+            at = f" of step {step}" if step is not None else ""
+            if _is_disk_full(e):
+                raise CheckpointError(f"no space left on the device of {self.workdir} while writing {what}{at}; "
+                                      f"{kept}: free space and rerun the same command to resume") from None
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"writing {what}{at} in {self.workdir} failed ({reason}); {kept}: "
+                                  "fix the storage and rerun the same command to resume") from None
+
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Saves a resumable checkpoint at `step` (asynchronously when enabled)."""
+        """Saves a resumable checkpoint at `step` (asynchronously when enabled); raises Diverged
+        instead of saving non-finite weights."""
         if step in self.latest.all_steps():
             return
-        self.latest.save(step, args=self._args(state, meta), force=True)
+        args = self._args(step, state, meta)
+        self._write("the checkpoint", step, lambda: self.latest.save(step, args=args, force=True))
 
     def save_best(self, step: int, state: Any, meta: dict) -> None:
-        """Replaces the best checkpoint with the state at `step`."""
+        """Replaces the best checkpoint with the state at `step` (never with non-finite weights)."""
         if step in self.best.all_steps():
             return
-        self.best.save(step, args=self._args(state, meta), force=True)
+        args = self._args(step, state, meta)
+        self._write("the best checkpoint", step, lambda: self.best.save(step, args=args, force=True))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -118,9 +203,11 @@ class Checkpointer:
                     model=ocp.args.StandardRestore(abstract_model),
                     opt=ocp.args.StandardRestore(abstract_opt),
                     meta=ocp.args.JsonRestore()))
+                problem = _verify({"model": restored["model"], "opt": restored["opt"]}, restored["meta"])
             except Exception as e:  # Orbax raises many types for damaged files.
-                logging.error("Checkpoint at step %d in %s is damaged (%s: %s); trying an older one.",
-                              step, path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if problem:
+                logging.error("Checkpoint at step %d in %s is damaged (%s); trying an older one.", step, path, problem)
                 continue
             model = restored["model"]
             state = target_state.replace(step=restored["opt"]["step"], opt_state=restored["opt"]["opt_state"],
@@ -132,30 +219,62 @@ class Checkpointer:
                     logging.warning("The checkpoint at step %d keeps no moving average; it starts from the "
                                     "restored weights.", step)
                 state = state.replace(ema=ema)
-            return state, dict(restored["meta"] or {})
+            meta = dict(restored["meta"] or {})
+            meta.pop(CHECKSUMS, None)
+            return state, meta
         raise CheckpointError(f"no readable checkpoint in {os.path.join(self.workdir, LATEST_DIR)} "
                               f"(tried steps {steps}); move the directory away to start over")
 
     def wait(self) -> None:
-        """Blocks until every pending asynchronous save has finished."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Blocks until every pending asynchronous save has finished; a failed one raises CheckpointError."""
+        self._write("a checkpoint", None, self.latest.wait_until_finished)
+        self._write("the best checkpoint", None, self.best.wait_until_finished)
 
     def close(self) -> None:
-        self.wait()
-        self.latest.close()
-        self.best.close()
+        """Finishes pending saves and releases the managers, even when a save failed."""
+        try:
+            self.wait()
+        finally:
+            for manager in (self.latest, self.best):
+                try:
+                    manager.close()
+                except Exception as e:  # The failed save was reported by wait().
+                    logging.warning("Closing the checkpoint manager of %s: %s", self.workdir,
+                                    (str(e).splitlines() or [type(e).__name__])[0][:200])
 
 
 def load_config(workdir: str):
-    """Reads the ConfigDict saved in `workdir/config.json`."""
+    """Reads the ConfigDict saved in `workdir/config.json`; a missing or damaged one is one CheckpointError line."""
     import ml_collections
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{workdir} holds no config.json; pass the workdir of a training run")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    saved = read_config_json(path)
+    for section in ("model", "dataset"):
+        if not isinstance(saved.get(section), dict) or "name" not in saved[section]:
+            raise CheckpointError(f"{path} has no {section}.name; it is not the config of a training run "
+                                  "(restore it from a copy or pass the workdir of a training run)")
+    return ml_collections.ConfigDict(saved)
+
+
+def read_config_json(path: str) -> dict:
+    """The JSON object in a workdir's config.json; raises CheckpointError if it is unreadable or not an object."""
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is unreadable ({reason}); restore it from a copy "
+                              "(or, for a run you are training, delete it to resume with the current config)") from None
+    if not isinstance(saved, dict) or not saved:
+        raise CheckpointError(f"{path} holds no config (found {type(saved).__name__}); restore it from a copy "
+                              "(or, for a run you are training, delete it to resume with the current config)")
+    return saved
+
+
+class _Vanished(Exception):
+    """The checkpoint being read was removed meanwhile (a running training rotated it out)."""
 
 
 def load_variables(workdir: str, which: str | int = "best", average: bool = True) -> tuple[dict, int]:
@@ -164,7 +283,9 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
     For a run that kept a moving average of its weights (config.ema_decay > 0) these are the
     averaged ones, which it validated and selected on, unless `average` is False. The arrays
     land on this process's first device, whatever devices the run was saved from. No
-    optimizer is built. Returns (variables, step).
+    optimizer is built. The arrays are checked against the checksum saved with them: a
+    damaged checkpoint raises CheckpointError. A best or latest checkpoint that a running
+    training replaces while it is read is read again at its new step. Returns (variables, step).
     """
     workdir = absolute_path(workdir)
     if which == "best":
@@ -178,9 +299,26 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
     if not directory.exists():
         raise CheckpointError(f"{workdir} has no checkpoint; train first with "
                               f"`python launch.py --config=... --workdir={workdir}`")
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_handlers={"model": ocp.StandardCheckpointHandler()})
+    for _ in range(5):
+        try:
+            model, step = _restore_model(directory, which)
+        except _Vanished:
+            continue
+        if average and model.get("ema"):
+            model = model["ema"]
+        return {"params": model["params"], "batch_stats": model.get("batch_stats") or {}}, step
+    raise CheckpointError(f"the checkpoints in {directory} kept being replaced while they were read; "
+                          "try again (or read a fixed --checkpoint step)")
+
+
+def _restore_model(directory: epath.Path, which: str | int) -> tuple[dict, int]:
+    """The verified `model` item of the chosen checkpoint in `directory`, and its step."""
+    step = None
+    mngr = None
     try:
+        mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                     item_handlers={"model": ocp.StandardCheckpointHandler(),
+                                                    "meta": ocp.JsonCheckpointHandler()})
         steps = mngr.all_steps()
         if not steps:
             raise CheckpointError(f"{directory} holds no finished checkpoint; train first")
@@ -190,18 +328,35 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
             step = int(which)
             if step not in steps:
                 raise CheckpointError(f"no checkpoint at step {step} in {directory}; available: {sorted(steps)}")
-        try:
-            # Restore onto this process's first device, whatever devices the run was saved from.
-            metadata = mngr.item_metadata(step)["model"]
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-        except Exception as e:
-            raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read "
-                                  f"({type(e).__name__}); it may be damaged") from e
+        # Restore onto this process's first device, whatever devices the run was saved from.
+        metadata = mngr.item_metadata(step)["model"]
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
+                                                              meta=ocp.args.JsonRestore()))
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax raises many types for damaged or vanished files.
+        gone = isinstance(e, FileNotFoundError) if step is None else not (directory / str(step)).exists()
+        if which in ("best", "latest") and gone:
+            raise _Vanished() from e
+        if step is None:
+            raise CheckpointError(f"the checkpoints in {directory} cannot be listed ({type(e).__name__}); "
+                                  "pass the workdir of a training run") from None
+        if not (directory / str(step)).exists():
+            raise CheckpointError(f"the checkpoint at step {step} in {directory} was removed while it was read; "
+                                  "pass a step that exists (or best / latest)") from None
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read ({type(e).__name__}: "
+                              f"{reason}); it is damaged: use another --checkpoint, or retrain") from None
     finally:
-        mngr.close()
-    model = restored["model"]
-    if average and model.get("ema"):
-        model = model["ema"]
-    return {"params": model["params"], "batch_stats": model.get("batch_stats") or {}}, step
+        if mngr is not None:
+            try:
+                mngr.close()
+            except Exception:  # Closing a read-only manager cannot lose anything.
+                pass
+    problem = _verify({"model": restored["model"]}, restored["meta"])
+    if problem:
+        raise CheckpointError(f"checkpoint at step {step} in {directory} is damaged ({problem}); "
+                              "use another --checkpoint (best, latest or a step), or retrain")
+    return restored["model"], step

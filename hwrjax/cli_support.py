@@ -8,7 +8,7 @@ from typing import Any
 
 from absl import logging
 
-from hwrjax.errors import HwrjaxError
+from hwrjax.errors import Diverged, HwrjaxError, Preempted
 
 
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -79,16 +79,23 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
             raise HwrjaxError(f"--process_id must be in [0, {num_processes}) and --num_processes positive")
         # CPU devices of different processes talk through gloo; GPU/TPU use their own collectives.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Process 0's coordinator listens only on the address it was given (JAX's default is every interface).
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, coordinator_bind_address=coordinator_address)
     elif _cluster_detected():
         jax.distributed.initialize()
+
+
+# Exit statuses of launch.py (also in its --help and the README).
+EXIT_OK = 0  # trained and reported, or stopped by SIGTERM / Ctrl-C after saving (rerun to resume)
+EXIT_ERROR = 2  # a one-line error: bad config or flags, busy or unusable workdir, damaged files, full disk
+EXIT_DIVERGED = 3  # the loss or gradient norm stopped being finite; the last finite checkpoint is the newest
 
 
 def run_training(config: Any, workdir: str, allow_config_change: bool = False,
                  coordinator_address: str | None = None, num_processes: int | None = None,
                  process_id: int | None = None, compilation_cache_dir: str | None = None) -> int:
-    """Runs train_and_evaluate with errors turned into one line on stderr; returns an exit code."""
+    """Runs train_and_evaluate with errors turned into one line on stderr; returns an exit code (EXIT_*)."""
     try:
         from hwrjax.logs import quiet_library_logs
 
@@ -102,12 +109,20 @@ def run_training(config: Any, workdir: str, allow_config_change: bool = False,
         logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
         test = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
-    except train.Preempted as e:
+    except Preempted as e:
         sys.stderr.write(f"hwrjax: {e}\n")
-        return 0
+        return EXIT_OK
+    except Diverged as e:
+        sys.stderr.write(f"hwrjax: error: {e}\n")
+        return EXIT_DIVERGED
     except HwrjaxError as e:
         sys.stderr.write(f"hwrjax: error: {e}\n")
-        return 2
+        return EXIT_ERROR
+    except OSError as e:  # a file of the run cannot be written (full disk, lost mount, read-only files)
+        where = f" ({e.filename})" if e.filename else ""
+        sys.stderr.write(f"hwrjax: error: {e.strerror or e}{where}; fix the storage of {workdir} and rerun "
+                         "the same command to resume from its last checkpoint\n")
+        return EXIT_ERROR
     if jax.process_index() == 0:
         sys.stdout.write(f"test accuracy {test['accuracy']:.4%} (loss {test['loss']:.4f}, "
                          f"{test['num_examples']} examples) -> {os.path.join(workdir, 'report', 'test_metrics.json')}\n")

@@ -228,6 +228,15 @@ def load_splits(config: Any) -> Splits:
     if "train" not in splits or test_base not in splits:
         raise ConfigError(f"dataset {config.dataset.name!r} has splits {sorted(splits)}; "
                           f"set config.dataset.test_split to one of them")
+    try:  # tfds parses the split string (and its slice) without reading any record
+        test_count = int(splits[config.dataset.test_split].num_examples)
+    except (ValueError, KeyError, TypeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise ConfigError(f"config.dataset.test_split={config.dataset.test_split!r} is not a split of "
+                          f"{config.dataset.name!r} ({reason}); use e.g. 'test' or 'test[:1000]'") from None
+    if test_count <= 0:
+        raise ConfigError(f"config.dataset.test_split={config.dataset.test_split!r} selects no examples; "
+                          "use e.g. 'test' or 'test[:1000]'")
     num_train = splits["train"].num_examples
     val = int(config.dataset.validation_size)
     if val < 0 or val >= num_train:

@@ -15,3 +15,15 @@ class DataError(HwrjaxError):
 
 class CheckpointError(HwrjaxError):
     """A checkpoint or workdir cannot be used as asked."""
+
+
+class WorkdirBusy(CheckpointError):
+    """Another run holds the workdir's lock."""
+
+
+class Diverged(HwrjaxError):
+    """Training produced a non-finite loss, gradient norm or weights; nothing non-finite was saved."""
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was saved because the process was asked to stop."""

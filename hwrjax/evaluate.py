@@ -624,12 +624,13 @@ def _save_png(array: np.ndarray, path: str) -> None:
 
 def write_pictures(workdir: str, history_rows: Sequence[Mapping[str, Any]] | None = None,
                    predictions: SplitPredictions | None = None, report: Mapping[str, Any] | None = None, *,
-                   stem: str | None = None, step: int = 0, tensorboard: bool = True) -> dict[str, str]:
+                   stem: str | None = None, step: int = 0, tensorboard: bool = True,
+                   picture_dir: str | None = None) -> dict[str, str]:
     """Writes the training curves and (given predictions) confusion matrix and mistakes as PNG and TensorBoard images.
 
     `report` is the `classification_report` of `predictions` (computed when omitted);
-    PNGs go to WORKDIR/report/, named `training_curves.png`, `<stem>_confusion_matrix.png`
-    and `<stem>_mistakes.png`. Returns {picture name: path}.
+    PNGs go to `picture_dir` (default WORKDIR/report/), named `training_curves.png`,
+    `<stem>_confusion_matrix.png` and `<stem>_mistakes.png`. Returns {picture name: path}.
     """
     from hwrjax import plots
 
@@ -659,7 +660,7 @@ def write_pictures(workdir: str, history_rows: Sequence[Mapping[str, Any]] | Non
             writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
         for name, fig in figures.items():
             array = plots.figure_to_array(fig)
-            path = os.path.join(workdir, REPORT_DIR, f"{name}.png")
+            path = os.path.join(picture_dir or os.path.join(workdir, REPORT_DIR), f"{name}.png")
             _save_png(array, path)
             paths[name] = path
             if writer is not None:
@@ -747,12 +748,18 @@ def _run_command(body: Callable[[], int]) -> int:
         absl_logger.removeFilter(filt)
 
 
-def _check_writable(directory: str) -> None:
-    """Raises unless `directory` exists writable or can be created (checked before any work)."""
+def _writable_at(directory: str) -> str | None:
+    """None if `directory` exists writable or can be created, else the folder in the way."""
     probe = os.path.abspath(directory)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+    return None if os.path.isdir(probe) and os.access(probe, os.W_OK) else probe
+
+
+def _check_writable(directory: str) -> None:
+    """Raises unless `directory` exists writable or can be created (checked before any work)."""
+    probe = _writable_at(directory)
+    if probe is not None:
         raise HwrjaxError(f"cannot write to {directory} ({probe} is not a writable directory); "
                           "pass an --output you can write to")
 
@@ -774,7 +781,11 @@ def evaluate_main(argv: list[str]) -> int:
         default_output = os.path.join(primary, REPORT_DIR, f"{stem}_metrics.json")
         output = args.output or default_output
         _check_writable(os.path.dirname(os.path.abspath(output)))
-        _check_writable(os.path.join(primary, REPORT_DIR))
+        picture_dir, tensorboard = os.path.join(primary, REPORT_DIR), not args.no_tensorboard
+        if args.output and _writable_at(picture_dir) is not None:
+            # A read-only workdir: everything goes beside --output, TensorBoard images are left out.
+            picture_dir, tensorboard = os.path.dirname(os.path.abspath(output)), False
+        _check_writable(picture_dir)
 
         result = run_evaluation(workdirs, split=args.split, tta=args.tta, which=args.checkpoint,
                                 batch_size=args.batch_size)
@@ -792,7 +803,8 @@ def evaluate_main(argv: list[str]) -> int:
                 saved = {**{k: v for k, v in previous.items() if k not in report}, **report}
         write_json_atomic(output, saved)
         pictures = write_pictures(primary, read_history(primary), result.predictions, report, stem=stem,
-                                  step=report["checkpoint_steps"][0], tensorboard=not args.no_tensorboard)
+                                  step=report["checkpoint_steps"][0], tensorboard=tensorboard,
+                                  picture_dir=picture_dir)
         what = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else primary
         tta = f", TTA {args.tta} views" if args.tta > 1 else ""
         lines = [f"{report['dataset']} {report['split']}: {what} (checkpoint {args.checkpoint}, steps "

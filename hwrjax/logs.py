@@ -45,10 +45,39 @@ def write_json_atomic(path: str, obj: Any) -> str:
     return path
 
 
-class MetricLogger:
-    """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log."""
+def keep_rows_until(path: str, step: int) -> None:
+    """Rewrites the metrics file `path` without the rows a run resumed at `step` writes again.
 
-    def __init__(self, workdir: str, enabled: bool = True, total_steps: int = 0, progress: bool = False):
+    Those are the rows after `step` and the test report row at `step` (a finished run reports
+    again); a line cut short by a killed process goes too. Every logged step then has one
+    row of each kind, however often the run was resumed.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                row_step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if row_step < step or (row_step == step and not any(k.startswith("test_") for k in row)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class MetricLogger:
+    """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log.
+
+    With `resume_step`, rows a run resumed at that step writes again are dropped from
+    metrics.jsonl first (see `keep_rows_until`).
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, total_steps: int = 0, progress: bool = False,
+                 resume_step: int | None = None):
         self.workdir = workdir
         self.enabled = enabled
         self.total_steps = total_steps
@@ -58,6 +87,8 @@ class MetricLogger:
         self._task = None
         if not enabled:
             return
+        if resume_step is not None:
+            keep_rows_until(os.path.join(workdir, "metrics.jsonl"), resume_step)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"))
         if progress:
@@ -117,16 +148,21 @@ class MetricLogger:
 
 
 class _DropChattyInfo:
-    """Drops INFO-and-below records from libraries that log every checkpoint file operation."""
+    """Drops INFO-and-below records from libraries that log every checkpoint file operation, and
+    the tracebacks of their errors (each background thread of a failed save logs one; hwrjax
+    reports the failure itself in one line)."""
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge", "/etils/")
 
     def filter(self, record) -> bool:
         import logging as std_logging
 
+        noisy = any(part in record.pathname for part in self._NOISY)
         if record.levelno > std_logging.INFO:
+            if noisy and record.exc_info:
+                record.exc_info, record.exc_text = None, None
             return True
-        return not any(part in record.pathname for part in self._NOISY)
+        return not noisy
 
 
 def quiet_library_logs() -> None:

@@ -46,3 +46,10 @@ def replicate_for_pmap(tree, devices=None):
         return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
 
     return jax.tree.map(replicate, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process of the run (every process must call this)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -369,19 +370,36 @@ def quiet_loading() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
+def _not_regular(path: str) -> str | None:
+    """Why `path` must not be opened (a FIFO, socket or device would block or never end), or None."""
+    try:
+        mode = os.stat(path).st_mode  # stat never opens the file, so it cannot block
+    except OSError:
+        return None  # missing or unreadable: load_image says so
+    if stat.S_ISREG(mode):
+        return None
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device" \
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+    return f"{path!r} is a {kind}, not a regular file; skipped"
+
+
 def find_images(paths: Iterable[str]) -> list[tuple[str, str | None]]:
-    """Expands folders (recursively, image extensions only); returns (path, error or None) rows."""
+    """Expands folders (recursively, image extensions only); returns (path, error or None) rows.
+
+    Only regular files are ever read: a FIFO, socket or device (named, or found in a folder)
+    gets an error row instead of being opened.
+    """
     rows: list[tuple[str, str | None]] = []
     for path in paths:
         if not os.path.isdir(path):
-            rows.append((path, None))  # A named file is always tried; load_image reports problems.
+            rows.append((path, _not_regular(path)))  # A named file is tried; load_image reports problems.
             continue
         found = []
         for root, dirs, files in os.walk(path):
             dirs.sort()
             found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if found:
-            rows += [(f, None) for f in found]
+            rows += [(f, _not_regular(f)) for f in found]
         else:
             rows.append((path, f"folder {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
     return rows

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -37,7 +37,8 @@ from hwrjax import models as models_lib
 from hwrjax import optim as optim_lib
 from hwrjax import parallel
 from hwrjax import rng as rng_lib
-from hwrjax.errors import CheckpointError, ConfigError
+from hwrjax import runlock
+from hwrjax.errors import CheckpointError, ConfigError, Diverged, Preempted, WorkdirBusy
 from hwrjax.logs import MetricLogger
 
 
@@ -352,8 +353,48 @@ def make_evaluate(loss_fn: Callable, mesh: jax.sharding.Mesh) -> Callable[[Train
 # Config checks, done before any expensive work.
 
 
+def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, value) of every number in a config, elements of tuples included."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (dict, ml_collections.ConfigDict)):
+            yield from _numbers(value, name + ".")
+        elif isinstance(value, (list, tuple)):
+            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
+
+
+# Ranges of fields not checked where they are used: name -> (low, high, low inclusive, high inclusive).
+FIELD_RANGES = {"optimizer.momentum": (0.0, 1.0, True, False), "optimizer.b1": (0.0, 1.0, True, False),
+                "optimizer.b2": (0.0, 1.0, True, False), "optimizer.rms_decay": (0.0, 1.0, True, False),
+                "optimizer.eps": (0.0, math.inf, True, False), "schedule.final_lr_fraction": (0.0, 1.0, True, True),
+                "dataset.validation_size": (0, math.inf, True, False),
+                "early_stopping.min_delta": (0.0, 1.0, True, False), "seed": (0, 2**32 - 1, True, True)}
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a NaN or infinite number anywhere in `config`, or a value outside FIELD_RANGES."""
+    for name, value in _numbers(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{name} is {value}; set it to a finite number")
+    for name, (low, high, low_in, high_in) in FIELD_RANGES.items():
+        node = config
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, (dict, ml_collections.ConfigDict)) else None
+        if node is None:
+            continue
+        inside = (low <= node if low_in else low < node) and (node <= high if high_in else node < high)
+        if isinstance(node, bool) or not isinstance(node, (int, float)) or not inside:
+            span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ConfigError(f"config.{name} must be in {span}, got {node!r}")
+    if not isinstance(config.seed, int):
+        raise ConfigError(f"config.seed must be a whole number, got {config.seed!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ConfigError (one line naming the fix) for sizes, rates and names that cannot work."""
+    _check_numbers(config)
     for field in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps"):
         value = config[field]
         if not isinstance(value, int) or value <= 0:
@@ -427,10 +468,6 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 # Preemption: SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
 
 
-class Preempted(Exception):
-    """Raised after a checkpoint was saved because the process was asked to stop."""
-
-
 class _StopSignal:
     def __init__(self):
         self.received: int | None = None
@@ -460,25 +497,50 @@ class _StopSignal:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        allow_config_change: bool = False) -> dict:
-    """Trains the recipe in `config`, resuming from `workdir` if it holds a run; returns the test metrics."""
+    """Trains the recipe in `config`, resuming from `workdir` if it holds a run; returns the test metrics.
+
+    One run at a time per workdir: the run holds the workdir's lock (hwrjax.runlock) from
+    before its config check to its end, and a second launch raises WorkdirBusy. Raises
+    Diverged when the loss or gradient norm stops being finite (nothing non-finite is saved).
+    """
     start_time = time.time()
     mesh = parallel.make_mesh()
-    num_devices = mesh.devices.size
-    validate_config(config, num_devices)
+    validate_config(config, mesh.devices.size)
     check_workdir(workdir)
+    lock = None
+    busy = None
+    try:
+        if jax.process_index() == 0:  # the other processes of a run are part of the same run
+            lock = runlock.acquire(workdir)
+    except WorkdirBusy as e:
+        busy = e
+    if parallel.any_process(busy is not None):
+        raise busy or WorkdirBusy(f"{workdir} is in use by another run (process 0 was refused its lock)")
+    try:
+        return _train_and_evaluate(config, workdir, allow_config_change, mesh, start_time)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
+                        mesh: jax.sharding.Mesh, start_time: float) -> dict:
+    num_devices = mesh.devices.size
     is_main = jax.process_index() == 0
 
     config_path = os.path.join(workdir, "config.json")
     current = _config_dict(config)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
+    rewrite_config = not os.path.exists(config_path)
+    if not rewrite_config:
+        saved = checkpoint_lib.read_config_json(config_path)
         diffs = config_differences(saved, current)
         if diffs and not allow_config_change:
             raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(diffs)}); "
                               "use a new --workdir, or pass --allow_config_change to continue anyway")
         if diffs:
+            # config.json then says how the run goes on; the change is in the log.
             logging.warning("Continuing %s with a changed config: %s", workdir, "; ".join(diffs))
+            rewrite_config = True
     parallel.check_same_config_across_processes(config.to_json())
 
     splits = data_lib.load_splits(config)
@@ -506,11 +568,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     state = jax.jit(init, out_shardings=replicated)(keys.init)
 
-    if is_main and not os.path.exists(config_path):
-        with open(config_path + ".tmp", "w") as f:
-            f.write(config.to_json(indent=2))
-        os.replace(config_path + ".tmp", config_path)
-
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = {"best_val_accuracy": -1.0, "best_step": -1, "epochs_without_improvement": 0, "stopped_early": False,
             "wall_time_s": 0.0}
@@ -520,6 +577,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         meta.update(saved_meta)
         logging.info("Resuming from step %d of %d in %s.", int(state.step), total_steps, workdir)
     step = int(jax.device_get(state.step))
+
+    # Written only now, under the lock, once the workdir's checkpoints are known to fit this config:
+    # a launch that fails earlier leaves a workdir's config.json (or its absence) as it was.
+    if is_main and rewrite_config:
+        with open(config_path + ".tmp", "w") as f:
+            f.write(config.to_json(indent=2))
+        os.replace(config_path + ".tmp", config_path)
 
     train_images = parallel.put_replicated(splits.train.images, replicated)
     train_labels = parallel.put_replicated(splits.train.labels, replicated)
@@ -568,14 +632,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             batch_sharding=NamedSharding(mesh, P("data"))))
 
     logger = MetricLogger(workdir, enabled=is_main, total_steps=total_steps,
-                          progress=config.progress and sys.stderr.isatty())
+                          progress=config.progress and sys.stderr.isatty(), resume_step=step)
     logging.info("Training %s (%d parameters) on %d device(s) in %d process(es): %d steps of batch %d.",
                  config.model.name, sum(x.size for x in jax.tree.leaves(state.params)), num_devices,
                  jax.process_count(), total_steps, config.batch_size)
 
+    def diverged(at_step: int, what: str) -> Diverged:
+        last = ckpt.latest_step()
+        again = f"resume from step {last}, the last saved" if last is not None else "start again"
+        return Diverged(f"training diverged at step {at_step} ({what}); nothing non-finite was saved; rerun with a "
+                        f"lower --config.optimizer.learning_rate and --allow_config_change to {again}")
+
+    def check_finite(fetched: list[dict], last_step: int) -> None:
+        """Raises Diverged at the first of the steps ending at `last_step` whose loss or grad norm is not finite."""
+        for i, m in enumerate(fetched):
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise diverged(last_step - len(fetched) + 1 + i, f"loss {loss}, gradient norm {grad_norm}")
+
     def save(step_: int, run_state_: TrainState) -> None:
-        ckpt.save(step_, from_run_state(run_state_),
-                  dict(meta, wall_time_s=meta["wall_time_s"] + time.time() - session_start))
+        if pending:  # every step up to a saved one is checked: non-finite weights are never saved
+            check_finite(fetch_metrics(pending), step_)
+        try:
+            ckpt.save(step_, from_run_state(run_state_),
+                      dict(meta, wall_time_s=meta["wall_time_s"] + time.time() - session_start))
+        except Diverged as e:
+            raise diverged(step_, str(e).split("; ")[0]) from None
 
     session_start = time.time()
     finished = meta["stopped_early"] or step >= total_steps
@@ -592,12 +674,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 pending.append(metrics)
                 if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
                     fetched = fetch_metrics(pending)
+                    check_finite(fetched, step)
                     pending = []
                     now = time.time()
                     row = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    if not math.isfinite(row["train_loss"]):
-                        raise FloatingPointError(f"training loss became {row['train_loss']} at step {step}; "
-                                                 "lower config.optimizer.learning_rate or set grad_clip_norm")
                     rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
                     row.update(learning_rate=float(schedule(step - 1)), steps_per_sec=rate,
                                images_per_sec=rate * config.batch_size,
@@ -613,8 +693,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     improved = val["accuracy"] > meta["best_val_accuracy"] + config.early_stopping.min_delta
                     if improved:
                         meta.update(best_val_accuracy=val["accuracy"], best_step=step, epochs_without_improvement=0)
-                        ckpt.save_best(step, with_delivered_batch_stats(from_run_state(state), chosen.batch_stats),
-                                       dict(meta))
+                        try:
+                            ckpt.save_best(step, with_delivered_batch_stats(from_run_state(state), chosen.batch_stats),
+                                           dict(meta))
+                        except Diverged:
+                            raise diverged(step, "non-finite weights") from None
                     else:
                         meta["epochs_without_improvement"] += 1
                     patience = config.early_stopping.patience_epochs
