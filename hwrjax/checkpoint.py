@@ -14,11 +14,14 @@ hwrjax.train).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -27,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from hwrjax.errors import CheckpointError, Diverged
+from hwrjax.logs import is_library_noise
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -109,6 +113,27 @@ def _verify(items: dict, meta: dict | None) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """Keeps the reads Orbax abandons when a restore fails from printing a traceback each.
+
+    They are coroutines never awaited; Python reports each one as it is collected. The failed
+    restore itself is reported once, in one line, by the caller.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not is_library_noise(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
 def _is_disk_full(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -176,11 +201,33 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
+    def _restore_step(self, step: int, target_model: dict, abstract_opt: Any) -> tuple[dict | None, str | None]:
+        """(the restored items, None) of the checkpoint at `step`, or (None, why it is damaged)."""
+        try:
+            # A run that starts (or stops) keeping a moving average part way (a changed
+            # config.ema_decay) resumes from checkpoints saved without (or with) one.
+            saved_has_ema = "ema" in self.latest.item_metadata(step)["model"]
+            model_tree = dict(target_model)
+            if not saved_has_ema:
+                model_tree.pop("ema", None)
+            elif "ema" not in model_tree:
+                model_tree["ema"] = {"params": target_model["params"], "batch_stats": target_model["batch_stats"]}
+            abstract_model = jax.tree.map(ocp.utils.to_shape_dtype_struct, model_tree)
+            restored = self.latest.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(abstract_model),
+                opt=ocp.args.StandardRestore(abstract_opt),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # Orbax raises many types for damaged files.
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        problem = _verify({"model": restored["model"], "opt": restored["opt"]}, restored["meta"])
+        return (None, problem) if problem else (restored, None)
+
     def restore_latest(self, target_state: Any) -> tuple[Any, dict] | None:
         """Restores the newest readable checkpoint into `target_state`'s structure and shardings.
 
-        Returns None when there is no checkpoint. A damaged checkpoint is reported with its
-        step and path and the next older one is tried; if none can be read, raises.
+        Returns None when there is no checkpoint. A damaged checkpoint (unreadable, or arrays
+        that do not match their checksum) is reported with its step and path and the next older
+        one is tried; if none can be read, raises.
         """
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
@@ -189,23 +236,8 @@ class Checkpointer:
         abstract_opt = jax.tree.map(ocp.utils.to_shape_dtype_struct, _opt_tree(target_state))
         for step in steps:
             path = os.path.join(self.workdir, LATEST_DIR, str(step))
-            try:
-                # A run that starts (or stops) keeping a moving average part way (a changed
-                # config.ema_decay) resumes from checkpoints saved without (or with) one.
-                saved_has_ema = "ema" in self.latest.item_metadata(step)["model"]
-                model_tree = dict(target_model)
-                if not saved_has_ema:
-                    model_tree.pop("ema", None)
-                elif "ema" not in model_tree:
-                    model_tree["ema"] = {"params": target_model["params"], "batch_stats": target_model["batch_stats"]}
-                abstract_model = jax.tree.map(ocp.utils.to_shape_dtype_struct, model_tree)
-                restored = self.latest.restore(step, args=ocp.args.Composite(
-                    model=ocp.args.StandardRestore(abstract_model),
-                    opt=ocp.args.StandardRestore(abstract_opt),
-                    meta=ocp.args.JsonRestore()))
-                problem = _verify({"model": restored["model"], "opt": restored["opt"]}, restored["meta"])
-            except Exception as e:  # Orbax raises many types for damaged files.
-                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            with _quiet_abandoned_reads():
+                restored, problem = self._restore_step(step, target_model, abstract_opt)
             if problem:
                 logging.error("Checkpoint at step %d in %s is damaged (%s); trying an older one.", step, path, problem)
                 continue
@@ -301,7 +333,8 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
                               f"`python launch.py --config=... --workdir={workdir}`")
     for _ in range(5):
         try:
-            model, step = _restore_model(directory, which)
+            with _quiet_abandoned_reads():
+                model, step = _restore_model(directory, which)
         except _Vanished:
             continue
         if average and model.get("ema"):

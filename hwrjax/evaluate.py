@@ -715,7 +715,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: average K views (view 0 unchanged); 0 or 1 disables")
     p.add_argument("--checkpoint", type=_parse_checkpoint, default="best", help="best, latest or a step number")
     p.add_argument("--output", default=None,
-                   help="JSON report path (default WORKDIR/report/<split>[_ensembleN][_ttaK]_metrics.json)")
+                   help="JSON report path (default WORKDIR/report/<split>[_ensembleN][_ttaK]_metrics.json); "
+                        "with a read-only workdir the pictures go beside it")
     p.add_argument("--batch_size", type=int, default=None,
                    help="inference batch size (default: the run's eval_batch_size)")
     p.add_argument("--no_tensorboard", action="store_true", help="do not write the pictures to TensorBoard")

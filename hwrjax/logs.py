@@ -153,21 +153,55 @@ class _DropChattyInfo:
     reports the failure itself in one line)."""
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge", "/etils/")
+    # Where those background threads' failures surface too (futures calling back into closed loops).
+    _THREADS = ("/concurrent/futures/", "/asyncio/")
 
     def filter(self, record) -> bool:
         import logging as std_logging
 
         noisy = any(part in record.pathname for part in self._NOISY)
         if record.levelno > std_logging.INFO:
-            if noisy and record.exc_info:
+            if record.exc_info and (noisy or any(part in record.pathname for part in self._THREADS)):
                 record.exc_info, record.exc_text = None, None
             return True
         return not noisy
 
 
+def is_library_noise(unraisable: Any) -> bool:
+    """True for an unraisable exception left by Orbax's background reads and writes: a coroutine
+    it abandoned when a restore or save failed, or a callback into an event loop it had closed.
+
+    Python prints each with a traceback when it is collected; the failure itself is reported
+    once, in one line, by hwrjax.
+    """
+    code = getattr(unraisable.object, "cr_code", None)
+    files = [code.co_filename] if code is not None else []
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if any("/orbax/" in f for f in files):
+        return True
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed" \
+        and any("/asyncio/" in f for f in files)
+
+
+def _quiet_unraisable_hook(previous: Any) -> Any:
+    def hook(unraisable: Any) -> None:
+        if not is_library_noise(unraisable):
+            previous(unraisable)
+
+    hook.quiet = True
+    return hook
+
+
 def quiet_library_logs() -> None:
-    """Keeps the absl log about training: hides per-file INFO chatter of orbax and tfds."""
+    """Keeps the absl log about training: hides per-file INFO chatter of orbax and tfds, and the
+    tracebacks of Orbax's background threads (see `is_library_noise`)."""
     import logging as std_logging
+
+    if not getattr(sys.unraisablehook, "quiet", False):
+        sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
 
     filt = _DropChattyInfo()
     std_logging.getLogger("absl").addFilter(filt)
