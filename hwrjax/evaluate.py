@@ -37,6 +37,7 @@ from hwrjax import checkpoint as checkpoint_lib
 from hwrjax import labelled as labelled_lib
 from hwrjax import metrics as metrics_lib
 from hwrjax import models as models_lib
+from hwrjax import runlock
 from hwrjax.errors import CheckpointError, DataError, HwrjaxError
 from hwrjax.logs import write_json_atomic
 
@@ -348,11 +349,13 @@ def calibrate(workdir: str, which: str | int = "best", batch_size: int | None = 
                         "and calibration is fitted on it; its probabilities stay uncalibrated (T=1)")
     builder = _builder(config)
     tfds_split, _ = resolve_split(config, "validation", builder)
-    model = load_model(workdir, which)
-    images, labels = load_split(builder, tfds_split)
-    batch = batch_size or int(config.get("eval_batch_size", 1000))
-    record = fit_calibration(model, images, labels, batch_size=batch)
-    path = calibration_lib.save_calibration(workdir, model.step, record)
+    # The run's lock: a training run still writing this workdir (and its own temperature) comes first.
+    with runlock.acquire(workdir):
+        model = load_model(workdir, which)
+        images, labels = load_split(builder, tfds_split)
+        batch = batch_size or int(config.get("eval_batch_size", 1000))
+        record = fit_calibration(model, images, labels, batch_size=batch)
+        path = calibration_lib.save_calibration(workdir, model.step, record)
     return dict(record, step=model.step, path=path)
 
 

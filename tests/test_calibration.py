@@ -18,7 +18,7 @@ from PIL import Image
 
 import conftest
 from configs import fast
-from hwrjax import calibration, evaluate, labelled, metrics, train
+from hwrjax import calibration, evaluate, labelled, metrics, runlock, train
 from hwrjax.errors import CheckpointError, DataError
 from hwrjax.recognize import Reading, Recognizer, predict_main
 
@@ -176,7 +176,11 @@ def test_evaluate_reports_calibration_before_and_after(smoke_run, tmp_path):
     with contextlib.redirect_stdout(out):
         assert evaluate.evaluate_main([f"--workdir={bare}", "--split=validation", "--no_tensorboard"]) == 0
     assert "uncalibrated (T=1)" in out.getvalue() and "hwrjax calibrate" in out.getvalue()
-    # `hwrjax calibrate` fits it for a run that lacks it: the same temperature training stored.
+    # `hwrjax calibrate` fits it for a run that lacks it: the same temperature training stored; not while
+    # a run holds the workdir.
+    with runlock.acquire(bare), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert evaluate.calibrate_main([f"--workdir={bare}"]) == 2
+    assert "in use by another run" in err.getvalue() and not os.path.exists(calibration.calibration_path(bare))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert evaluate.calibrate_main([f"--workdir={bare}"]) == 0
