@@ -544,27 +544,26 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
 
     async def recognize(request: Request) -> Response:
         nonlocal in_flight
-        closing = {"Connection": "close"}  # for answers given before the whole body was read
         if in_flight >= limits.max_in_flight:
             return _error(503, f"busy: {limits.max_in_flight} readings in progress; retry in a second",
-                          {"Retry-After": "1", **closing})
+                          {"Retry-After": "1"})
         in_flight += 1
         try:
-            return await read(request, closing)
+            return await read(request)
         finally:
             in_flight -= 1
 
-    async def read(request: Request, closing: dict[str, str]) -> Response:
+    async def read(request: Request) -> Response:
         mode = request.query_params.get("mode", "number")
         if mode not in MODES:
-            return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}", closing)
+            return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         min_confidence = recognizer.min_confidence
         if "min_confidence" in request.query_params:
             try:
                 min_confidence = check_min_confidence(float(request.query_params["min_confidence"]))
             except ValueError:
                 return _error(400, f"min_confidence must be a number in [0, 1], got "
-                                   f"{request.query_params['min_confidence'][:40]!r}", closing)
+                                   f"{request.query_params['min_confidence'][:40]!r}")
         try:
             multipart = request.headers.get("content-type", "").lower().startswith("multipart/form-data")
             with anyio.fail_after(limits.body_timeout):
@@ -572,11 +571,12 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
             data = await _image_bytes(request, body, limits.max_upload_bytes) if multipart else body
         except _TooLarge as e:
             size = f" ({e.args[0]:,} bytes)" if e.args[0] else ""
-            return _error(413, f"upload too large{size}; the limit is {limits.max_upload_bytes:,} bytes", closing)
+            return _error(413, f"upload too large{size}; the limit is {limits.max_upload_bytes:,} bytes")
         except TimeoutError:
-            return _error(408, f"the upload took over {limits.body_timeout:g} s; send it in one go", closing)
+            return _error(408, f"the upload took over {limits.body_timeout:g} s; send it in one go",
+                          {"Connection": "close"})
         except ClientDisconnect:
-            return Response(status_code=400, headers=closing)
+            return Response(status_code=400, headers={"Connection": "close"})
         if len(data) > limits.max_upload_bytes:
             return _error(413, f"image too large ({len(data):,} bytes); the limit is {limits.max_upload_bytes:,} bytes")
         if not data:
@@ -637,10 +637,16 @@ class _GuardedH11(H11Protocol):
 
     header_timeout = 10.0
     max_connections = 1024
+    max_header_bytes = 16 * 1024
+    max_drain_bytes = DEFAULT_MAX_UPLOAD_BYTES + _FORM_OVERHEAD
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
         self.waiting_since: float | None = None  # loop time a request head has been awaited from
+        self._head_bytes = 0  # bytes of the awaited head received so far ...
+        self._head_tail = b""  # ... and its last 3, to find the blank line ending it across reads
+        self._draining = False  # reading and dropping the body of a request answered without it
+        self._drained = 0
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             waiting = [c for c in self.connections
@@ -654,6 +660,7 @@ class _GuardedH11(H11Protocol):
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
+        self._head_bytes, self._head_tail = 0, b""
         self.waiting_since = self.loop.time()
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
@@ -669,9 +676,37 @@ class _GuardedH11(H11Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            self._drained += len(data)
+            if self._drained > self.max_drain_bytes:
+                self.transport.close()
+                return
+        if self.conn.their_state is h11.IDLE and self._head_too_long(data):
+            # h11 bounds only a head still incomplete after a read; one read can hold a longer one.
+            message = b"request head over %d bytes" % self.max_header_bytes
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(message), message))
+            self.transport.close()
+            return
         super().data_received(data)
+        if self._draining and self.conn.their_state is not h11.SEND_BODY:
+            self._draining = False  # the unread body has ended: the connection can be used again
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm_head_timer()
         if self.conn.their_state is not h11.IDLE:
             self._cancel_head_timer()
+
+    def _head_too_long(self, data: bytes) -> bool:
+        seen = self._head_tail + data
+        ends = [i for i in (seen.find(b"\r\n\r\n"), seen.find(b"\n\n")) if i >= 0]  # h11 accepts bare LF too
+        end = min(ends) if ends else -1
+        if end >= 0:
+            size = self._head_bytes + end - len(self._head_tail)
+            self._head_bytes, self._head_tail = 0, b""
+            return size > self.max_header_bytes
+        self._head_bytes += len(data)
+        self._head_tail = seen[-3:]
+        return self._head_bytes > self.max_header_bytes
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -679,8 +714,17 @@ class _GuardedH11(H11Protocol):
             return
         if self.conn.their_state is h11.IDLE:
             self._arm_head_timer()
-        elif self.conn.our_state is h11.DONE and self.conn.their_state is not h11.DONE:
-            self.transport.close()  # answered before the body was read: do not drain the rest
+        elif self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
+            # Answered before the body was read (413, 503, 403...): read and drop the rest so the
+            # client sees the answer rather than a reset, but only up to a body we would have
+            # accepted and the head deadline; then close.
+            self._draining, self._drained = True, 0
+            self._head_timer = self.loop.call_later(self.header_timeout, self._drain_timed_out)
+
+    def _drain_timed_out(self) -> None:
+        self._head_timer = None
+        if self._draining and not self.transport.is_closing():
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
@@ -693,7 +737,9 @@ def _uvicorn_config(app: Starlette, **kwargs: Any) -> Any:
 
     limits: Limits = app.state.limits
     protocol = type("GuardedH11", (_GuardedH11,), {"header_timeout": float(limits.header_timeout),
-                                                    "max_connections": limits.max_connections})
+                                                    "max_connections": limits.max_connections,
+                                                    "max_header_bytes": limits.max_header_bytes,
+                                                    "max_drain_bytes": limits.max_upload_bytes + _FORM_OVERHEAD})
     return uvicorn.Config(app, http=protocol, ws="none", lifespan="on", timeout_keep_alive=limits.keep_alive,
                           h11_max_incomplete_event_size=limits.max_header_bytes, **kwargs)
 

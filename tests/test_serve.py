@@ -479,6 +479,14 @@ def test_idle_and_slow_connections_are_closed_by_the_server(recognizer):
             while chunk := slow_body.recv(4096):
                 reply += chunk
             assert reply.startswith(b"HTTP/1.1 408") and b"upload took over" in reply
+        with _connect(url) as big_head:  # a head over max_header_bytes, in one read: 431, then closed
+            big_head.sendall(b"GET /api/health HTTP/1.1\r\nHost: " + host + b"\r\nX-Pad: " +
+                             b"a" * (limits.max_header_bytes + 1000) + b"\r\n\r\n")
+            big_head.settimeout(60)
+            reply = b""
+            while chunk := big_head.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 431")
         with httpx.Client(base_url=url, timeout=60) as c:  # and it still serves
             assert c.get("/api/health").status_code == 200
 
@@ -514,3 +522,47 @@ def test_connections_beyond_the_cap_evict_the_longest_idle(recognizer, number_pn
                 assert _closed_by_server(extra)
             blocked.release.set()
             assert [p.result().status_code for p in pending] == [200, 200]
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Reads one HTTP response with a Content-Length from `sock`; returns (status, body)."""
+    sock.settimeout(60)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before a full response head: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, "closed before the full response body"
+        body += chunk
+    return int(head.split()[1]), body
+
+
+def test_a_refused_upload_is_drained_within_bounds(recognizer):
+    """An upload answered before it is read (413) is read and dropped, so the client sees the answer;
+    the connection then serves again, unless the dropped body grows past what would be accepted."""
+    with serve_in_thread(create_app(recognizer, Limits(max_upload_bytes=LIMIT))) as url:
+        host = urllib.parse.urlsplit(url).netloc.encode()
+        with _connect(url) as sock:
+            size = LIMIT + 10
+            sock.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: " + host +
+                         b"\r\nContent-Length: %d\r\n\r\n" % size)
+            status, body = _read_response(sock)
+            assert status == 413 and b"limit" in body
+            sock.sendall(b"\0" * size)  # the client goes on sending what it announced
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert _read_response(sock)[0] == 200
+        with _connect(url) as sock:
+            sock.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: " + host +
+                         b"\r\nContent-Length: %d\r\n\r\n" % (100 * LIMIT))
+            assert _read_response(sock)[0] == 413
+            try:
+                for _ in range(100):
+                    sock.sendall(b"\0" * LIMIT)
+            except OSError:
+                pass  # reset by the server once the dropped body passed its bound
+            assert _closed_by_server(sock)
