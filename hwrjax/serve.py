@@ -638,7 +638,6 @@ class _GuardedH11(H11Protocol):
     header_timeout = 10.0
     max_connections = 1024
     max_header_bytes = 16 * 1024
-    max_drain_bytes = DEFAULT_MAX_UPLOAD_BYTES + _FORM_OVERHEAD
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
@@ -646,7 +645,7 @@ class _GuardedH11(H11Protocol):
         self._head_bytes = 0  # bytes of the awaited head received so far ...
         self._head_tail = b""  # ... and its last 3, to find the blank line ending it across reads
         self._draining = False  # reading and dropping the body of a request answered without it
-        self._drained = 0
+        self._drain_timer: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             waiting = [c for c in self.connections
@@ -676,11 +675,6 @@ class _GuardedH11(H11Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._draining:
-            self._drained += len(data)
-            if self._drained > self.max_drain_bytes:
-                self.transport.close()
-                return
         if self.conn.their_state is h11.IDLE and self._head_too_long(data):
             # h11 bounds only a head still incomplete after a read; one read can hold a longer one.
             message = b"request head over %d bytes" % self.max_header_bytes
@@ -691,6 +685,9 @@ class _GuardedH11(H11Protocol):
         super().data_received(data)
         if self._draining and self.conn.their_state is not h11.SEND_BODY:
             self._draining = False  # the unread body has ended: the connection can be used again
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+                self._drain_timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
                 self._arm_head_timer()
         if self.conn.their_state is not h11.IDLE:
@@ -715,19 +712,21 @@ class _GuardedH11(H11Protocol):
         if self.conn.their_state is h11.IDLE:
             self._arm_head_timer()
         elif self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
-            # Answered before the body was read (413, 503, 403...): read and drop the rest so the
-            # client sees the answer rather than a reset, but only up to a body we would have
-            # accepted and the head deadline; then close.
-            self._draining, self._drained = True, 0
-            self._head_timer = self.loop.call_later(self.header_timeout, self._drain_timed_out)
+            # Answered before the body was read (413, 503, 403...): read and drop the rest, as a
+            # lingering close does, so the client sees the answer rather than a reset; for at most
+            # the head deadline, then close. It costs no memory (h11 drops the data).
+            self._draining = True
+            self._drain_timer = self.loop.call_later(self.header_timeout, self._drain_timed_out)
 
     def _drain_timed_out(self) -> None:
-        self._head_timer = None
+        self._drain_timer = None
         if self._draining and not self.transport.is_closing():
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
 
 
@@ -738,8 +737,7 @@ def _uvicorn_config(app: Starlette, **kwargs: Any) -> Any:
     limits: Limits = app.state.limits
     protocol = type("GuardedH11", (_GuardedH11,), {"header_timeout": float(limits.header_timeout),
                                                     "max_connections": limits.max_connections,
-                                                    "max_header_bytes": limits.max_header_bytes,
-                                                    "max_drain_bytes": limits.max_upload_bytes + _FORM_OVERHEAD})
+                                                    "max_header_bytes": limits.max_header_bytes})
     return uvicorn.Config(app, http=protocol, ws="none", lifespan="on", timeout_keep_alive=limits.keep_alive,
                           h11_max_incomplete_event_size=limits.max_header_bytes, **kwargs)
 

@@ -543,12 +543,12 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def test_a_refused_upload_is_drained_within_bounds(recognizer):
-    """An upload answered before it is read (413) is read and dropped, so the client sees the answer;
-    the connection then serves again, unless the dropped body grows past what would be accepted."""
-    with serve_in_thread(create_app(recognizer, Limits(max_upload_bytes=LIMIT))) as url:
+    """An upload answered before it is read (413) is read and dropped, so the client sees the answer
+    and the connection serves again; a body still coming at the head deadline gets the connection closed."""
+    with serve_in_thread(create_app(recognizer, Limits(max_upload_bytes=LIMIT, header_timeout=0.5))) as url:
         host = urllib.parse.urlsplit(url).netloc.encode()
         with _connect(url) as sock:
-            size = LIMIT + 10
+            size = 10 * LIMIT
             sock.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: " + host +
                          b"\r\nContent-Length: %d\r\n\r\n" % size)
             status, body = _read_response(sock)
@@ -558,11 +558,6 @@ def test_a_refused_upload_is_drained_within_bounds(recognizer):
             assert _read_response(sock)[0] == 200
         with _connect(url) as sock:
             sock.sendall(b"POST /api/recognize HTTP/1.1\r\nHost: " + host +
-                         b"\r\nContent-Length: %d\r\n\r\n" % (100 * LIMIT))
+                         b"\r\nContent-Length: %d\r\n\r\n" % (10**12))
             assert _read_response(sock)[0] == 413
-            try:
-                for _ in range(100):
-                    sock.sendall(b"\0" * LIMIT)
-            except OSError:
-                pass  # reset by the server once the dropped body passed its bound
-            assert _closed_by_server(sock)
+            assert _closed_by_server(sock, trickle=b"\0")  # a body without end: dropped until the deadline
