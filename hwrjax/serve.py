@@ -78,6 +78,7 @@ except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
     raise ModuleNotFoundError(f"hwrjax serve needs {e.name}; install it with pip install 'hwrjax[serve]'",
                               name=e.name) from None
 
+from hwrjax import preprocess
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError
 from hwrjax.recognize import MODES, Reading, Recognizer, check_min_confidence, prepare_image, quiet_loading
@@ -261,7 +262,11 @@ class MicroBatcher:
 
 
 def _is_light(data: bytes) -> bool:
-    """True for uploads cheap to read: few bytes and, by the image header, few pixels and no long side."""
+    """True for uploads cheap to read: few bytes and, by the image header, few pixels and no long side.
+
+    Also true for images over preprocess's pixel limits: load_image refuses them from their
+    header, before decoding anything, so the slow lane would only add a trip to its process.
+    """
     if len(data) > LIGHT_BYTES:
         return False
     try:
@@ -270,10 +275,11 @@ def _is_light(data: bytes) -> bool:
             with Image.open(io.BytesIO(data)) as im:  # Reads the header only.
                 w, h = im.size
     except Image.DecompressionBombError:
-        return False
+        return True  # over Pillow's own guard, so over MAX_PIXELS too: refused from the header
     except Exception:  # Not an image Pillow knows: preprocessing refuses it at once.
         return True
-    return w * h <= LIGHT_PIXELS and max(w, h) <= LIGHT_SIDE
+    refused = max(preprocess.MAX_PIXELS, getattr(preprocess, "MAX_JPEG_PIXELS", 0))  # over every format's limit
+    return (w * h <= LIGHT_PIXELS and max(w, h) <= LIGHT_SIDE) or w * h > refused
 
 
 def _data_bytes() -> int:

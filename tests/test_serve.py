@@ -13,9 +13,11 @@ import asyncio
 import concurrent.futures
 import json
 import socket
+import struct
 import threading
 import time
 import urllib.parse
+import zlib
 
 import httpx
 import numpy as np
@@ -163,6 +165,13 @@ def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
         strip[50:1950, 1] = 0
         (thin,) = asgi_requests(app, ("POST", "/api/recognize", {"content": png_bytes(strip)}))
         assert thin.status_code in (200, 400), thin.text
+        assert app.state.lanes.slow.reads == 2
+        # A decompression bomb is refused from its header in the fast lane: no trip to the slow one.
+        bomb = png_bytes(np.zeros((1, 1), np.uint8))
+        bomb = bomb[:16] + struct.pack(">II", 30000, 30000) + bomb[24:29] + struct.pack(
+            ">I", zlib.crc32(bomb[12:16] + struct.pack(">II", 30000, 30000) + bomb[24:29])) + bomb[33:]
+        (refused,) = asgi_requests(app, ("POST", "/api/recognize", {"content": bomb}))
+        assert refused.status_code == 400 and "pixels" in refused.json()["error"]
         assert app.state.lanes.slow.reads == 2
     finally:
         app.state.lanes.close()
