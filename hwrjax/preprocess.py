@@ -57,10 +57,17 @@ __all__ = [
     "split_digits",
 ]
 
-# Largest image (width * height) `load_image` will decode; checked on the header.
-MAX_PIXELS = 40_000_000
-# Segmentation runs on an area-downscaled copy of at most about this many pixels.
-WORK_PIXELS = 400_000
+# Largest image (width * height) `load_image` will decode; checked on the header. Decoding a
+# lossless file costs time and memory in proportion to its pixels (8 MP of RGBA: ~0.1 s, 32 MB).
+MAX_PIXELS = 8_000_000
+# JPEGs are decoded at 1/2 to 1/8 scale in libjpeg, so larger ones cost no more than that.
+MAX_JPEG_PIXELS = 64_000_000
+# Decoded images larger than this are area-reduced in Pillow before they become floats.
+DECODE_PIXELS = 1_000_000
+# Segmentation runs on an area-downscaled copy of at most about this many pixels ...
+WORK_PIXELS = 300_000
+# ... and on an upsampled copy when the image is smaller than this on its shorter side.
+MIN_WORK_SIDE = 48
 
 MNIST_SIZE = 28
 MNIST_BOX = 20
@@ -74,6 +81,13 @@ _TARGET_STROKE = 2.0  # ... to about this width
 _MIN_INK_PX = 4  # ink spanning fewer px (at working resolution) ...
 _MIN_INK_FRACTION = 0.03  # ... or less than this fraction of the shorter side is a dot
 _BBOX_EPS = 0.02  # ink strength counted as ink for the bounding box
+_MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
+_MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
+_MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
+_LINE_COVER = 0.9  # a form line covers this share of the ink's extent along it ...
+_LINE_THIN = 0.08  # ... is at most this share of the extent across it thick ...
+_LINE_EDGE = 0.2  # ... and lies in this outer share of the extent across it
+_MAX_THICKEN = 4  # thickening radius cap, in px at the layout's working box (4x the 20 px box)
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
@@ -90,12 +104,18 @@ class NoInkError(ImageError):
 
 
 def load_image(source: ImageSource) -> np.ndarray:
-    """Reads an image file, bytes or binary stream into a float32 grey array in [0, 1]."""
+    """Reads an image file, bytes or binary stream into a float32 grey array in [0, 1].
+
+    The cost is bounded whatever the file says: the header is checked against
+    `MAX_PIXELS` before any pixel is decoded, JPEGs are decoded at a reduced scale
+    when they are larger than needed, and anything larger than `DECODE_PIXELS` is
+    area-reduced in Pillow (on 8-bit data) before it becomes a float array.
+    """
     fp, name = _open_source(source)
     try:
         header = _read_header(fp)
         if header is not None:
-            _check_size(header.size, name)
+            _check_size(header.size, name, header.format)
         fp.seek(0)
         try:
             im = Image.open(fp)
@@ -108,8 +128,14 @@ def load_image(source: ImageSource) -> np.ndarray:
             raise ImageError(
                 f"{name} is larger than Pillow's pixel limit; downscale it first"
             ) from None
-        _check_size(im.size, name)
+        _check_size(im.size, name, im.format)
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # The first frame of an animation or a multi-page scan.
         try:
+            if im.format == "JPEG" and im.width * im.height > DECODE_PIXELS:
+                # Decode at 1/2, 1/4 or 1/8 scale in libjpeg: far less time and memory.
+                f = (DECODE_PIXELS / (im.width * im.height)) ** 0.5
+                im.draft(im.mode, (max(1, int(im.width * f)), max(1, int(im.height * f))))
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise ImageError(
@@ -119,9 +145,22 @@ def load_image(source: ImageSource) -> np.ndarray:
             im = ImageOps.exif_transpose(im)
         except Exception as e:  # A malformed EXIF block must not make the image unreadable.
             logging.warning("Ignoring unusable EXIF orientation in %s: %s", name, e)
-        return _pil_to_grey(im)
+        return _pil_to_grey(_reduce(im))
     finally:
         fp.close()
+
+
+def _reduce(im: Image.Image) -> Image.Image:
+    """Area-reduces an image over DECODE_PIXELS by an integer factor (in Pillow, before floats)."""
+    pixels = im.width * im.height
+    if pixels <= DECODE_PIXELS:
+        return im
+    factor = int(np.ceil((pixels / DECODE_PIXELS) ** 0.5))
+    if im.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", "P", "CMYK", "YCbCr", "La", "RGBa"):
+        im = im.convert("RGBA" if "A" in im.mode else "RGB")
+    if im.mode in ("P", "1"):
+        im = im.convert("RGBA" if "transparency" in im.info else "L")
+    return im.reduce(factor)
 
 
 def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
@@ -194,37 +233,57 @@ def _read_header(fp: BinaryIO) -> Image.Image | None:
     return None
 
 
-def _check_size(size: tuple[int, int], name: str) -> None:
-    """Raises ImageError for a 0-pixel image or one over MAX_PIXELS."""
+def _check_size(size: tuple[int, int], name: str, fmt: str | None = None) -> None:
+    """Raises ImageError for a 0-pixel image or one over MAX_PIXELS (MAX_JPEG_PIXELS for JPEG)."""
     w, h = size
     if w <= 0 or h <= 0:
         raise ImageError(f"{name} is empty ({w}x{h} pixels); pass an image with content")
-    limit = MAX_PIXELS
+    limit, what = (MAX_JPEG_PIXELS, "MAX_JPEG_PIXELS") if fmt == "JPEG" else (MAX_PIXELS, "MAX_PIXELS")
     if w * h > limit:
         raise ImageError(
             f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
-            "(hwrjax.preprocess.MAX_PIXELS); downscale it first"
+            f"(hwrjax.preprocess.{what}); downscale it first"
         )
 
 
 def _pil_to_grey(im: Image.Image) -> np.ndarray:
-    """Converts any Pillow image to float32 grey in [0, 1], compositing alpha on white."""
+    """Converts any Pillow image to float32 grey in [0, 1]; alpha is composited (see _composite)."""
     mode = im.mode
-    if mode.startswith("I;16") or mode == "I":
+    if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im).astype(np.float32)
-        return np.clip(a / (65535.0 if a.max(initial=0) > 255 else 255.0), 0, 1)
-    if mode == "F":
-        a = np.asarray(im).astype(np.float32)
-        a = np.nan_to_num(a)
-        top = float(a.max(initial=0))
-        return np.clip(a / top if top > 1 else a, 0, 1)
+        return _finite_unit(a, 65535.0 if mode != "F" and a.max(initial=0) > 255 else 255.0)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     if has_alpha:
         rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
-        alpha = rgba[..., 3:4]
-        rgb = rgba[..., :3] * alpha + (1.0 - alpha)  # composite on white paper
-        return _luma(rgb)
+        return _composite(_luma(rgba[..., :3]), rgba[..., 3])
     return np.asarray(im.convert("L")).astype(np.float32) / 255.0
+
+
+def _finite_unit(a: np.ndarray, full_scale: float) -> np.ndarray:
+    """Integer or float samples to [0, 1]: non-finite samples become the median, then scaled."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, np.median(a[finite]) if finite.any() else 0.0)
+    lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+    if lo >= 0 and hi <= 1:
+        return a.astype(np.float32)
+    if lo >= 0 and hi <= full_scale:
+        return (a / full_scale).astype(np.float32)
+    return ((a - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+
+
+def _composite(grey: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Puts a grey layer with alpha on a backdrop that the opaque pixels stand out from.
+
+    Dark ink drawn on a transparent canvas goes on white, light ink on black: what the
+    image shows is its opaque part, whatever colour a viewer would put behind it.
+    """
+    alpha = np.clip(alpha, 0.0, 1.0)
+    opaque = alpha > 0.5
+    backdrop = 1.0
+    if opaque.any() and not opaque.all():
+        backdrop = 0.0 if float(np.median(grey[opaque])) > 0.5 else 1.0
+    return (grey * alpha + backdrop * (1.0 - alpha)).astype(np.float32)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -241,10 +300,8 @@ def _as_grey(image: np.ndarray) -> np.ndarray:
         if a.dtype == np.uint8:
             a = a.astype(np.float32) / 255.0
         a = a.astype(np.float32)
-        if a.shape[-1] == 4:
-            alpha = np.clip(a[..., 3:4], 0, 1)
-            a = a[..., :3] * alpha + (1.0 - alpha)
-        a = _luma(a[..., :3])
+        luma = _luma(a[..., :3])
+        a = _composite(luma, a[..., 3]) if a.shape[-1] == 4 else luma
     if a.ndim != 2:
         raise ImageError(
             f"expected a 2-D grey or (H, W, 3|4) colour image, got shape {a.shape}; "
@@ -291,23 +348,47 @@ def _resize(a: np.ndarray, shape: tuple[int, int], resample: Image.Resampling) -
     return np.asarray(im.resize((w, h), resample), dtype=np.float32)
 
 
-def _to_working_size(grey: np.ndarray) -> np.ndarray:
-    """Area-downscales images larger than WORK_PIXELS."""
+def _to_working_size(grey: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Area-downscales images over WORK_PIXELS; upsamples images under MIN_WORK_SIDE.
+
+    Returns the working image and whether it was upsampled. Tiny scans (8x8 and up)
+    are interpolated, not refused: their strokes become smooth ramps a few working
+    pixels wide, which the rest of the path treats like any pen stroke. Either way the
+    result has at most about WORK_PIXELS pixels.
+    """
     h, w = grey.shape
-    if h * w <= WORK_PIXELS:
-        return grey
-    f = (WORK_PIXELS / (h * w)) ** 0.5
-    return _resize(grey, (max(1, round(h * f)), max(1, round(w * f))), Image.Resampling.BOX)
+    if h * w > WORK_PIXELS:
+        f = (WORK_PIXELS / (h * w)) ** 0.5
+        return _resize(grey, (max(1, round(h * f)), max(1, round(w * f))), Image.Resampling.BOX), False
+    f = min(MIN_WORK_SIDE / min(h, w), (WORK_PIXELS / (h * w)) ** 0.5)
+    if f <= 1.0:
+        return grey, False
+    up = (max(1, round(h * f)), max(1, round(w * f)))
+    return np.clip(_resize(grey, up, Image.Resampling.BILINEAR), 0.0, 1.0), True
+
+
+def _ring(a: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of a border ring `width` wide, as one 1-D array."""
+    return np.concatenate([a[:width].ravel(), a[-width:].ravel(), a[:, :width].ravel(), a[:, -width:].ravel()])
 
 
 def _ink_is_light(grey: np.ndarray) -> bool:
-    """True for light ink on dark paper (MNIST polarity), False for dark ink on light."""
+    """True for light ink on dark paper (MNIST polarity), False for dark ink on light.
+
+    The paper is what most of the border ring shows: a photo's margin, or the background
+    around a digit that touches the frame in a few places. Then the ink is the side
+    (darker or lighter) with the larger extreme deviation from that paper. When the ring
+    is split between two levels (a tight crop whose strokes run along its edges) the ring
+    cannot tell, and the paper is the level that covers most of the image.
+    """
     h, w = grey.shape
     smooth = ndimage.gaussian_filter(grey, 1.0) if min(h, w) >= 8 else grey
     bw = max(1, round(0.04 * min(h, w)))
-    ring = np.concatenate(
-        [smooth[:bw].ravel(), smooth[-bw:].ravel(), smooth[:, :bw].ravel(), smooth[:, -bw:].ravel()]
-    )
+    ring = _ring(smooth, bw)
+    t = _otsu(smooth.ravel())
+    ring_light = float(np.mean(ring > t))
+    if 0.3 < ring_light < 0.7 and float(smooth.max()) - float(smooth.min()) > _MIN_CONTRAST:
+        return float(np.mean(smooth > t)) < 0.5
     paper = float(np.median(ring))
     darker = paper - float(np.percentile(smooth, 0.5))
     lighter = float(np.percentile(smooth, 99.5)) - paper
@@ -332,12 +413,122 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def _neighbour_correlation(a: np.ndarray) -> float:
+    """Correlation of horizontally and vertically adjacent pixels (1 for a flat image)."""
+    d = a.astype(np.float64) - float(a.mean())
+    var = float(np.mean(d * d))
+    if var < 1e-12 or min(a.shape) < 2:
+        return 1.0
+    # The larger of the two: a thin vertical "1" is unrelated across its 3 px, not along them.
+    return float(max(np.mean(d[1:] * d[:-1]), np.mean(d[:, 1:] * d[:, :-1])) / var)
+
+
+def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
+    """Gives a tight crop (ink touching the frame) a margin of paper, as a photo has.
+
+    Without it the border shows no paper, background removal takes the strokes along
+    the edges for background, and the noise estimate counts ink as paper. Images whose
+    border is paper are returned as they are.
+    """
+    h, w = ink_pos.shape
+    t = _otsu(ink_pos.ravel())
+    if float(np.mean(_ring(ink_pos, 1) > t)) <= 0.01:
+        return ink_pos
+    paper = float(np.median(ink_pos[ink_pos <= t]))
+    pad = round(_MARGIN * max(h, w)) + 2
+    return np.pad(ink_pos, pad, mode="constant", constant_values=paper)
+
+
+def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int]]:
+    """Thin bands of rows (axis 0) or columns (axis 1) that a straight line crosses end to end.
+
+    A band's rows are covered over at least _LINE_COVER of the ink's extent along them,
+    it is at most _LINE_THIN of the extent across them thick, and it lies in the outer
+    _LINE_EDGE of the ink's extent: where a printed box's lines are, not a digit's bar
+    through its middle.
+    """
+    m = mask if axis == 0 else mask.T
+    box = _bbox(m)
+    if box is None:
+        return []
+    r0, r1, c0, c1 = box
+    along, across = c1 - c0, r1 - r0
+    if along < 8 or across < 8:
+        return []
+    covered = m[r0:r1, c0:c1].sum(axis=1) >= _LINE_COVER * along
+    bands, start = [], None
+    for i, c in enumerate(np.append(covered, False)):
+        if c and start is None:
+            start = i
+        elif not c and start is not None:
+            if i - start <= max(2, _LINE_THIN * across):
+                lo, hi = r0 + start, r0 + i
+                if lo < r0 + _LINE_EDGE * across or hi > r1 - _LINE_EDGE * across:
+                    bands.append((lo, hi))
+            start = None
+    return bands
+
+
+def _form_lines(mask: np.ndarray) -> np.ndarray:
+    """Pixels of printed form lines (a box around the digit, or a line under it) to drop.
+
+    Two or more lines (a box, a corner, lines above and below) are removed; a single
+    line only when no stroke touches it (an underline below the digit), because a tight
+    crop of a "7" or a "2" has one bar running from edge to edge that is part of the digit.
+    """
+    lines = np.zeros_like(mask)
+    found = []
+    for axis in (0, 1):
+        for lo, hi in _line_bands(mask, axis):
+            band = np.zeros_like(mask)
+            if axis == 0:
+                band[max(0, lo - 1) : hi + 1] = True
+            else:
+                band[:, max(0, lo - 1) : hi + 1] = True
+            found.append(band & mask)
+    if not found:
+        return lines
+    for band in found:
+        lines |= band
+    if len(found) == 1:
+        rest = mask & ~lines
+        grown = ndimage.binary_dilation(lines, structure=np.ones((3, 3), bool), iterations=2)
+        if (grown & rest).any():
+            return np.zeros_like(mask)
+    return lines
+
+
+def _paper_level_and_noise(strength: np.ndarray, sigma: float) -> tuple[float, float]:
+    """The paper's level (median of the darker Otsu class) and its noise (robust sigma).
+
+    Neither may depend on how much of the image is ink: a bold digit in a tight box can
+    cover half of it. The noise is measured from differences of pixels 2 sigma + 1 apart
+    (past the smoothing's reach), whose median absolute value ignores edges between ink
+    and paper as long as most pixel pairs lie inside one of them.
+    """
+    t = _otsu(strength.ravel())
+    below = strength[strength <= t]
+    med = float(np.median(below if below.size else strength))
+    k = int(np.ceil(2.0 * sigma)) + 1
+    diffs = [strength[k:] - strength[:-k], strength[:, k:] - strength[:, :-k]]
+    diffs = np.concatenate([d.ravel() for d in diffs if d.size])
+    if diffs.size == 0:
+        return med, 0.0
+    return med, 1.4826 * float(np.median(np.abs(diffs))) / np.sqrt(2.0)
+
+
 def _segment(grey: np.ndarray) -> _Ink:
-    """Finds the ink: polarity, background removal, Otsu, speck removal, soft levels."""
-    g = _to_working_size(grey)
-    h, w = g.shape
-    short = min(h, w)
+    """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels."""
+    g, upsampled = _to_working_size(grey)
+    if upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION:
+        raise NoInkError(
+            "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
+            "pass an image of a handwritten digit"
+        )
     ink_pos = g if _ink_is_light(g) else 1.0 - g  # ink high, paper low
+    ink_pos = _add_margin(ink_pos)
+    h, w = ink_pos.shape
+    short = min(h, w)
 
     sigma = max(1.0, short / 150.0) if short >= 8 else 0.0
     smooth = ndimage.gaussian_filter(ink_pos, sigma) if sigma else ink_pos
@@ -348,8 +539,7 @@ def _segment(grey: np.ndarray) -> _Ink:
     raw = ink_pos - background
     strength = smooth - background
 
-    med = float(np.median(strength))
-    noise = 1.4826 * float(np.median(np.abs(strength - med)))
+    med, noise = _paper_level_and_noise(strength, sigma)
     if float(strength.max()) - med < _MIN_CONTRAST:
         raise NoInkError(
             "no ink found: the image is blank or the strokes are too faint; "
@@ -367,7 +557,17 @@ def _segment(grey: np.ndarray) -> _Ink:
             f"{noise:.3f}; photograph darker, thicker strokes under even light"
         )
 
+    lines = _form_lines(mask)
+    if lines.any():
+        mask &= ~lines
+        if not mask.any():
+            raise NoInkError("only the lines of a form were found, no digit; crop the image to the digit")
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count > _MAX_COMPONENTS:
+        raise NoInkError(
+            f"no digit found: {count} separate marks, like noise or texture; "
+            "pass an image of handwritten digits"
+        )
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     areas[0] = 0
     largest = float(areas.max())
@@ -388,6 +588,8 @@ def _segment(grey: np.ndarray) -> _Ink:
     soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
     reach = max(1, round(short / 100.0))
     gate = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)
+    if lines.any():
+        gate &= ~ndimage.binary_dilation(lines, structure=np.ones((3, 3), bool), iterations=reach)
     soft = np.where(gate, soft, 0.0).astype(np.float32)
     return _Ink(soft=soft, mask=mask, labels=labels.astype(np.int32), count=int(count))
 
@@ -426,12 +628,21 @@ def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     width_out = _stroke_width(mask) * scale
     if 0 < width_out < _MIN_STROKE:
-        # Thin pen on a big digit: thicken so the 20 px digit has MNIST-like strokes.
-        radius = (_TARGET_STROKE - width_out) / (2.0 * scale)
+        # Thin pen on a big digit: thicken so the 20 px digit has MNIST-like strokes. This runs
+        # on the crop reduced to at most 4x the box, so its cost is bounded whatever the image.
+        crop = soft[r0:r1, c0:c1]
+        f = min(1.0, 4 * MNIST_BOX / max(r1 - r0, c1 - c0))
+        if f < 1.0:
+            small = (max(1, round((r1 - r0) * f)), max(1, round((c1 - c0) * f)))
+            crop = _resize(crop, small, Image.Resampling.BOX)
+            inked = crop[crop > _BBOX_EPS * f]
+            crop = np.clip(crop / max(float(np.percentile(inked, 90)) if inked.size else 1.0, 1e-6), 0, 1)
+        scale = MNIST_BOX / max(crop.shape)
+        radius = min((_TARGET_STROKE - width_out) / (2.0 * scale), _MAX_THICKEN)
         rad = int(np.ceil(radius))
         yy, xx = np.mgrid[-rad : rad + 1, -rad : rad + 1]
         disk = (yy**2 + xx**2) <= radius**2 + 0.25
-        soft = ndimage.grey_dilation(np.pad(soft, rad + 1), footprint=disk)
+        soft = ndimage.grey_dilation(np.pad(crop, rad + 1), footprint=disk)
         r0, r1, c0, c1 = _bbox(soft > _BBOX_EPS)
         scale = MNIST_BOX / max(r1 - r0, c1 - c0)
 
