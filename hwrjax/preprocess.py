@@ -81,6 +81,8 @@ _TARGET_STROKE = 2.0  # ... to about this width
 _MIN_INK_PX = 4  # ink spanning fewer px (at working resolution) ...
 _MIN_INK_FRACTION = 0.03  # ... or less than this fraction of the shorter side is a dot
 _BBOX_EPS = 0.02  # ink strength counted as ink for the bounding box
+_MIXED_RING = 0.3  # a border ring with more ink-like pixels than this shows no paper level
+_SOFT_FLOOR = 0.15  # share of the paper-to-ink range cut from the soft ink levels
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -379,22 +381,25 @@ def _ink_is_light(grey: np.ndarray) -> bool:
 
     The paper is what most of the border ring shows: a photo's margin, or the background
     around a digit that touches the frame in a few places. Then the ink is the side
-    (darker or lighter) with the larger extreme deviation from that paper. When the ring
-    is split between two levels (a tight crop whose strokes run along its edges) the ring
-    cannot tell, and the paper is the level that covers most of the image.
+    (darker or lighter) with the larger extreme deviation from that paper. When much of
+    the ring lies past the middle between paper and ink (a tight crop whose strokes run
+    along its edges) the ring cannot tell, and the ink is the level that covers less of
+    the image.
     """
     h, w = grey.shape
     smooth = ndimage.gaussian_filter(grey, 1.0) if min(h, w) >= 8 else grey
     bw = max(1, round(0.04 * min(h, w)))
     ring = _ring(smooth, bw)
-    t = _otsu(smooth.ravel())
-    ring_light = float(np.mean(ring > t))
-    if 0.3 < ring_light < 0.7 and float(smooth.max()) - float(smooth.min()) > _MIN_CONTRAST:
-        return float(np.mean(smooth > t)) < 0.5
     paper = float(np.median(ring))
-    darker = paper - float(np.percentile(smooth, 0.5))
-    lighter = float(np.percentile(smooth, 99.5)) - paper
-    return lighter > darker
+    lo, hi = np.percentile(smooth, [0.5, 99.5])
+    darker, lighter = paper - float(lo), float(hi) - paper
+    light = lighter > darker
+    middle = paper + 0.5 * (lighter if light else -darker)
+    inky_ring = float(np.mean(ring > middle if light else ring < middle))
+    if inky_ring > _MIXED_RING and hi - lo > _MIN_CONTRAST:
+        middle = 0.5 * (float(lo) + float(hi))
+        return float(np.mean(smooth > middle)) < 0.5
+    return light
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -428,15 +433,22 @@ def _neighbour_correlation(a: np.ndarray) -> float:
 def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     """Gives a tight crop (ink touching the frame) a margin of paper, as a photo has.
 
-    Without it the border shows no paper, background removal takes the strokes along
-    the edges for background, and the noise estimate counts ink as paper. Images whose
-    border is paper are returned as they are.
+    Without it the border shows no paper, and background removal takes the strokes along
+    the edges for background. Ink touches the frame when pixels of the outer ring stand
+    out from their surroundings (a high-pass copy, so that a lighting gradient does not
+    count) by more than half the image's ink contrast, and that contrast is well above
+    the noise. Other images are returned as they are.
     """
     h, w = ink_pos.shape
-    t = _otsu(ink_pos.ravel())
-    if float(np.mean(_ring(ink_pos, 1) > t)) <= 0.01:
+    local = ink_pos - ndimage.gaussian_filter(ink_pos, max(2.0, min(h, w) / 8.0), mode="nearest")
+    lo, hi = np.percentile(local, [5, 99.5])
+    _, noise = _paper_level_and_noise(ink_pos, 0.0)
+    if hi - lo < max(_MIN_CONTRAST, 8.0 * noise):
         return ink_pos
-    paper = float(np.median(ink_pos[ink_pos <= t]))
+    if float(np.mean(_ring(local, 1) > 0.5 * (float(lo) + float(hi)))) <= 0.01:
+        return ink_pos
+    middle = 0.5 * (float(np.percentile(ink_pos, 5)) + float(np.percentile(ink_pos, 99.5)))
+    paper = float(np.median(ink_pos[ink_pos <= middle]))
     pad = round(_MARGIN * max(h, w)) + 2
     return np.pad(ink_pos, pad, mode="constant", constant_values=paper)
 
@@ -580,8 +592,8 @@ def _segment(grey: np.ndarray) -> _Ink:
             "(after downscaling); crop the image closer to the digit"
         )
 
-    floor = med + 2.0 * noise
     level = float(np.percentile(raw[mask], 90))
+    floor = max(med + 2.0 * noise, med + _SOFT_FLOOR * (level - med))
     soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
     reach = max(1, round(short / 100.0))
     gate = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)
@@ -662,9 +674,27 @@ def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(canvas[y0 : y0 + MNIST_SIZE, x0 : x0 + MNIST_SIZE])
 
 
+def _is_mnist_form(grey: np.ndarray) -> bool:
+    """True for an image already in MNIST's form: 28x28, light ink on black, ink box ~20 px, centred."""
+    if grey.shape != (MNIST_SIZE, MNIST_SIZE) or float(_ring(grey, 2).mean()) > 0.05:
+        return False
+    box = _bbox(grey > 0.1)
+    if box is None or not 18 <= max(box[1] - box[0], box[3] - box[2]) <= 22:
+        return False
+    cy, cx = ndimage.center_of_mass(grey)
+    return abs(cy - _CENTRE) <= 1.5 and abs(cx - _CENTRE) <= 1.5
+
+
 def to_mnist(image: np.ndarray) -> np.ndarray:
-    """Converts a grey/RGB image of one digit (any polarity) to a 28x28 float32 MNIST digit."""
-    ink = _segment(_as_grey(image))
+    """Converts a grey/RGB image of one digit (any polarity) to a 28x28 float32 MNIST digit.
+
+    An image that already has MNIST's form (a 28x28 file of an MNIST-style set) is
+    returned as it is: resampling it would only blur what the network was trained on.
+    """
+    grey = _as_grey(image)
+    if _is_mnist_form(grey):
+        return np.ascontiguousarray(grey, dtype=np.float32)
+    ink = _segment(grey)
     return _layout(ink.soft, ink.mask)
 
 
