@@ -397,9 +397,23 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     middle = paper + 0.5 * (lighter if light else -darker)
     inky_ring = float(np.mean(ring > middle if light else ring < middle))
     if inky_ring > _MIXED_RING and hi - lo > _MIN_CONTRAST:
-        middle = 0.5 * (float(lo) + float(hi))
-        return float(np.mean(smooth > middle)) < 0.5
+        bright = smooth > 0.5 * (float(lo) + float(hi))
+        # A digit's ink is one or two strokes; the paper is cut into pieces by them (the
+        # hole of a 0, the corners around a 1). Fewer pieces, else less area, is the ink.
+        pieces = [_count_regions(bright), _count_regions(~bright)]
+        if pieces[0] != pieces[1]:
+            return pieces[0] < pieces[1]
+        return float(np.mean(bright)) < 0.5
     return light
+
+
+def _count_regions(mask: np.ndarray) -> int:
+    """Connected regions (8-connected) of a mask covering at least 1% of the image each."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return 0
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    return int(np.sum(areas >= 0.01 * mask.size))
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
