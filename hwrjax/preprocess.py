@@ -463,7 +463,9 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
         return ink_pos
     middle = 0.5 * (float(np.percentile(ink_pos, 5)) + float(np.percentile(ink_pos, 99.5)))
     paper = float(np.median(ink_pos[ink_pos <= middle]))
-    pad = round(_MARGIN * max(h, w)) + 2
+    # Relative to the longer side, but at most 4x the shorter one: a 2x5000 line must not
+    # grow a margin of thousands of pixels on every side.
+    pad = round(_MARGIN * min(max(h, w), 4 * min(h, w))) + 2
     return np.pad(ink_pos, pad, mode="constant", constant_values=paper)
 
 
@@ -909,12 +911,28 @@ def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
     if max_digits < 1:
         raise ValueError(f"max_digits must be >= 1, got {max_digits}")
     ink = _segment(_as_grey(image))
+    if ink.count > 5 * max_digits + 20:  # grouping compares every pair of marks
+        raise ImageError(
+            f"found {ink.count} separate marks, too many for a number of at most {max_digits} "
+            "digits; crop the image to the number"
+        )
     groups, height = _groups(ink)
     if not groups:
         raise NoInkError("no digits found; photograph darker, thicker strokes under even light")
 
     # A wide digit (MNIST: up to ~1.45x wider than tall) alone is not a pair.
     lone = _LONE_STRICTER if len(groups) == 1 else 0.0
+    # Count before building anything: each piece is a full-size mask, and a long line would
+    # otherwise become thousands of them.
+    expected = sum(
+        max(2, round(g.width / (_DIGIT_ASPECT * height))) if g.width >= (_SPLIT_ASPECT + lone) * height else 1
+        for g in groups
+    )
+    if expected > max_digits:
+        raise ImageError(
+            f"found {expected} digits, more than max_digits={max_digits}; "
+            "crop the image to the number or raise max_digits"
+        )
     pieces: list[np.ndarray] = []  # bool masks, left to right
     for g in groups:
         mask = np.isin(ink.labels[g.r0 : g.r1, g.c0 : g.c1], g.labels)
