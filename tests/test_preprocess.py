@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from hwrjax import preprocess, synth
+from hwrjax import forms, preprocess, synth
 from hwrjax.errors import HwrjaxError
 from hwrjax.preprocess import ImageError, NoInkError, load_image, split_digits, to_mnist
 
@@ -399,3 +399,174 @@ def test_max_pixels_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(preprocess, "MAX_PIXELS", 5000)
     with pytest.raises(ImageError, match="80x100 = 8,000 pixels, over the limit of 5,000"):
         load_image(path)
+
+
+# ----------------------------------------------------------------------------- other captures
+# Tight crops, tiny scans, binarized or few-level scans, either polarity, form boxes, stains:
+# the images other digit collections and forms produce (hwrjax.forms renders them).
+
+_KINDS = ("1", "7", "4", "0")
+# At 8 and 12 px the glyph "1" is 2 px wide with no paper between its edges: nothing is left
+# that says which side is ink. Stretched forms lose the aspect ratio and are tested apart.
+_DESTROYED = {("tight8", "1"), ("tight12", "1")}
+_SHAPE_KEPT = sorted(set(forms.FORMS) - {"stretched16", "stretched16_dark_ink"})
+
+
+def _render(form: str, kind: str, seed: int = 0) -> np.ndarray:
+    return forms.render_form(form, (mnist_like(kind) * 255).astype(np.uint8), np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize(
+    "form,kind", [(f, k) for f in _SHAPE_KEPT for k in _KINDS if (f, k) not in _DESTROYED]
+)
+def test_captured_digit_becomes_the_glyph(form, kind):
+    out = to_mnist(_render(form, kind))
+    assert corr1(out, mnist_like(kind)) > 0.9
+    h, w = ink_box(out, 0.05)
+    assert 19 <= max(h, w) <= 21
+    cy, cx = ndimage.center_of_mass(out)
+    assert abs(cy - 14) <= 0.5 + 1e-6 and abs(cx - 14) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_digit_stretched_to_fill_its_box_fills_the_mnist_box(kind):
+    image = _render("stretched16", kind)
+    out = to_mnist(image)
+    h, w = ink_box(out, 0.05)
+    assert h >= 19 and w >= 19  # the aspect ratio is gone; the whole 20x20 box is used
+    assert corr1(out, forms.classic_normalize(image)) > 0.9
+
+
+@pytest.mark.parametrize("form", ["tight8", "tight16", "tight32", "binary16", "levels16"])
+@pytest.mark.parametrize("kind", ("7", "4", "0"))
+def test_tight_crop_polarity_is_found(form, kind):
+    light = _render(form, kind)
+    assert light[0].min() == 0 or light[-1].min() == 0  # the digit touches the frame
+    a, b = to_mnist(light), to_mnist(255 - light)
+    assert corr(a, b) > 0.98
+    assert (a > 0.5).mean() < 0.35 and a[:3].max() == 0.0  # white ink on a black field
+
+
+def test_8x8_scan_is_upsampled_not_refused():
+    # Like scikit-learn's digits: a 32x32 drawing averaged over 4x4 blocks, 17 grey levels.
+    for kind in ("7", "4", "0"):
+        big = Image.fromarray((mnist_like(kind)[2:26, 2:26] * 255).astype(np.uint8)).resize((32, 32))
+        small = np.asarray(big.resize((8, 8), Image.Resampling.BOX), np.float32) / 255.0
+        tiny = (np.round(small * 16) * (255 / 16)).astype(np.uint8)
+        assert tiny.shape == (8, 8)
+        assert corr1(to_mnist(tiny), mnist_like(kind)) > 0.8, kind
+
+
+@pytest.mark.parametrize("name", ["white", "black", "grey", "noise8", "binary_noise16", "noise64", "gauss300"])
+def test_images_without_a_digit_are_refused_with_a_reason(name):
+    rng = np.random.default_rng(1)
+    image = {
+        "white": np.full((40, 30), 255, np.uint8),
+        "black": np.zeros((12, 12), np.uint8),
+        "grey": np.full((200, 200), 128, np.uint8),
+        "noise8": (rng.random((8, 8)) * 255).astype(np.uint8),
+        "binary_noise16": ((rng.random((16, 16)) > 0.5) * 255).astype(np.uint8),
+        "noise64": (rng.random((64, 64)) * 255).astype(np.uint8),
+        "gauss300": np.clip(128 + rng.normal(0, 30, (300, 300)), 0, 255).astype(np.uint8),
+    }[name]
+    with pytest.raises(NoInkError, match="no ink|no digit") as info:
+        to_mnist(image)
+    assert "\n" not in str(info.value)
+    with pytest.raises(NoInkError):
+        split_digits(image)
+
+
+def test_free_standing_underline_is_dropped_but_a_digit_bar_is_kept():
+    digit = Image.new("L", (120, 150), 255)
+    _draw_glyph(ImageDraw.Draw(digit), "4", (10, 0, 110, 112), width=9, fill=20)
+    ImageDraw.Draw(digit).line([(0, 140), (119, 140)], fill=20, width=3)  # the form's line
+    assert corr1(to_mnist(np.asarray(digit)), mnist_like("4")) > 0.9
+    # A tight "7": its bar runs from edge to edge at the top and stays part of the digit.
+    seven = to_mnist(_render("tight32", "7"))
+    assert corr1(seven, mnist_like("7")) > 0.9
+    top = int(np.flatnonzero(seven.max(axis=1) > 0.5)[0])
+    assert ink_box(seven[top : top + 3], 0.5)[1] >= 12  # the bar is still there, wide
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _peak_mb(fn) -> float:
+    """Peak memory of the arrays fn allocates (numpy and scipy report to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except ImageError:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 1e6
+
+
+@pytest.mark.parametrize("size", [(2, 5000), (5000, 2), (60, 1500)])
+def test_thin_lines_on_long_canvases_cost_bounded_memory(size):
+    # Once a 106-byte PNG of a 1-px line made the thickening dilate with a disk thousands of
+    # px wide (23 GB). Every step now works on at most a fixed multiple of a working size.
+    w, h = size
+    im = Image.new("L", size, 255)
+    ImageDraw.Draw(im).line([(w // 2, 0), (w // 2 - 1, h - 1)] if h > w else [(0, h // 2), (w - 1, h // 2)], fill=0)
+    data = _png_bytes(im)
+    assert len(data) < 1000
+    assert _peak_mb(lambda: to_mnist(load_image(data))) < 100
+    assert _peak_mb(lambda: split_digits(load_image(data))) < 100
+
+
+def test_line_read_as_a_number_is_refused_before_it_is_cut_up():
+    im = Image.new("L", (5000, 2), 255)
+    ImageDraw.Draw(im).line([(0, 1), (4999, 1)], fill=0)
+    with pytest.raises(ImageError, match="more than max_digits"):
+        split_digits(load_image(_png_bytes(im)))
+
+
+def test_large_lossless_images_are_reduced_before_they_become_floats():
+    im = Image.new("RGBA", (2800, 2800), (255, 255, 255, 255))
+    ImageDraw.Draw(im).line([(1400, 300), (1300, 2500)], fill=(0, 0, 0, 255), width=40)
+    grey = load_image(_png_bytes(im))
+    assert grey.size <= preprocess.DECODE_PIXELS
+    assert grey.shape[0] == grey.shape[1] and grey.min() < 0.2 and np.median(grey) > 0.9
+    # 6300x6300 RGBA (170 KB of PNG, 160 MB decoded) is refused on its header.
+    big = _png_bytes(Image.new("RGBA", (6300, 6300), (255, 255, 255, 255)))
+    with pytest.raises(ImageError, match="MAX_PIXELS"):
+        load_image(big)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale():
+    im = Image.new("RGB", (4000, 3000), (230, 225, 210))
+    _draw_glyph(ImageDraw.Draw(im), "7", (1200, 600, 2800, 2200), width=120, fill=(30, 30, 60))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    grey = load_image(buf.getvalue())
+    assert grey.size <= preprocess.DECODE_PIXELS and grey.shape[1] > grey.shape[0]
+    assert corr1(to_mnist(grey), mnist_like("7")) > 0.9
+
+
+def test_non_finite_pixels_in_a_float_tiff_are_ignored(tmp_path):
+    a = np.zeros((100, 100), np.float32)
+    a[20:80, 45:55] = 1.0
+    a[3, 3] = np.inf
+    a[90, 90] = np.nan
+    path = tmp_path / "float.tiff"
+    Image.fromarray(a, "F").save(path)
+    grey = load_image(path)
+    assert np.isfinite(grey).all() and grey.max() == 1.0 and grey[3, 3] == 0.0
+    out = to_mnist(grey)
+    h, w = ink_box(out, 0.05)
+    assert h >= 19 and w <= 8  # the bar, upright
+
+
+@pytest.mark.parametrize("ink", [(255, 255, 255, 255), (0, 0, 0, 255), (30, 60, 200, 255)])
+def test_ink_on_a_transparent_canvas_is_the_opaque_part(ink):
+    # A drawing app's export: strokes opaque, the rest transparent (its colour says nothing).
+    im = Image.new("RGBA", (112, 112), (0, 0, 0, 0) if ink[0] == 255 else (255, 255, 255, 0))
+    _draw_glyph(ImageDraw.Draw(im), "7", (0, 0, 112, 112), width=10, fill=ink)
+    assert corr1(to_mnist(load_image(_png_bytes(im))), mnist_like("7")) > 0.9
