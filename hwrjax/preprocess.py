@@ -473,10 +473,9 @@ def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int, str]]:
     """Thin bands of rows (axis 0) or columns (axis 1) that a straight line crosses end to end.
 
     A band's rows are covered over at least _LINE_COVER of the ink's extent along them
-    (runs up to 2 rows apart are one band), it is at most _LINE_THIN of the extent across
-    them thick, and it lies in the outer _LINE_EDGE of that extent, where a printed box's
-    lines are, not a digit's bar through its middle. Each band is (start, stop, side),
-    side "low" or "high" for the edge it lies at.
+    (runs up to 3 rows apart are one band), it is at most _LINE_THIN of the extent across
+    them thick, and it is the outermost ink on its side: where a printed box's lines are,
+    not a digit's bar through its middle or the dense core of a slanted stroke. Each band is (start, stop, side), side "low" or "high".
     """
     m = mask if axis == 0 else mask.T
     box = _bbox(m)
@@ -486,16 +485,20 @@ def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int, str]]:
     along, across = c1 - c0, r1 - r0
     if along < 8 or across < 8:
         return []
-    rows = np.flatnonzero(m[r0:r1, c0:c1].sum(axis=1) >= _LINE_COVER * along)
+    cover = m[r0:r1, c0:c1].sum(axis=1) / along
+    rows = np.flatnonzero(cover >= _LINE_COVER)
     bands = []
     for run in np.split(rows, np.flatnonzero(np.diff(rows) > 3) + 1) if rows.size else []:
-        lo, hi = r0 + int(run[0]), r0 + int(run[-1]) + 1
-        if hi - lo > max(2, _LINE_THIN * across):
+        lo, hi = int(run[0]), int(run[-1]) + 1  # relative to r0
+        thick = hi - lo
+        if thick > max(2, _LINE_THIN * across):
             continue
-        if lo < r0 + _LINE_EDGE * across:
-            bands.append((lo, hi, "low"))
-        elif hi > r1 - _LINE_EDGE * across:
-            bands.append((lo, hi, "high"))
+        # A printed line is the outermost ink on its side (the dense core of a slanted pen
+        # stroke has the rest of that stroke beyond it).
+        if lo <= 2 and lo < _LINE_EDGE * across:
+            bands.append((r0 + lo, r0 + hi, "low"))
+        elif across - hi <= 2 and hi > (1 - _LINE_EDGE) * across:
+            bands.append((r0 + lo, r0 + hi, "high"))
     return bands
 
 
