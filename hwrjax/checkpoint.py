@@ -134,6 +134,23 @@ def _quiet_abandoned_reads() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
+OTHER_MODEL = "another model than this config"
+
+
+def _other_model(saved: Any, target: dict) -> str | None:
+    """The first parameter whose name or shape differs between a checkpoint's model item (its
+    metadata) and `target`'s, or None when they match."""
+    def shapes(tree: Any) -> dict[str, tuple]:
+        part = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
+        return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(part)[0]}
+
+    have, want = shapes(saved), shapes(target)
+    for name in sorted(set(have) | set(want)):
+        if have.get(name) != want.get(name):
+            return f"{name}: saved {have.get(name, 'absent')}, this config {want.get(name, 'absent')}"
+    return None
+
+
 def _is_disk_full(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -202,11 +219,15 @@ class Checkpointer:
         return self.latest.latest_step()
 
     def _restore_step(self, step: int, target_model: dict, abstract_opt: Any) -> tuple[dict | None, str | None]:
-        """(the restored items, None) of the checkpoint at `step`, or (None, why it is damaged)."""
+        """(the restored items, None) of the checkpoint at `step`, or (None, why it cannot be used)."""
         try:
+            saved_model = self.latest.item_metadata(step)["model"]
+            other = _other_model(saved_model, target_model)
+            if other:
+                return None, f"{OTHER_MODEL}: {other}"
             # A run that starts (or stops) keeping a moving average part way (a changed
             # config.ema_decay) resumes from checkpoints saved without (or with) one.
-            saved_has_ema = "ema" in self.latest.item_metadata(step)["model"]
+            saved_has_ema = "ema" in saved_model
             model_tree = dict(target_model)
             if not saved_has_ema:
                 model_tree.pop("ema", None)
@@ -234,12 +255,16 @@ class Checkpointer:
             return None
         target_model = _model_tree(target_state)
         abstract_opt = jax.tree.map(ocp.utils.to_shape_dtype_struct, _opt_tree(target_state))
+        problems: list[str] = []
         for step in steps:
             path = os.path.join(self.workdir, LATEST_DIR, str(step))
             with _quiet_abandoned_reads():
                 restored, problem = self._restore_step(step, target_model, abstract_opt)
             if problem:
-                logging.error("Checkpoint at step %d in %s is damaged (%s); trying an older one.", step, path, problem)
+                problems.append(problem)
+                if not problem.startswith(OTHER_MODEL):
+                    logging.error("Checkpoint at step %d in %s is damaged (%s); trying an older one.", step, path,
+                                  problem)
                 continue
             model = restored["model"]
             state = target_state.replace(step=restored["opt"]["step"], opt_state=restored["opt"]["opt_state"],
@@ -254,6 +279,9 @@ class Checkpointer:
             meta = dict(restored["meta"] or {})
             meta.pop(CHECKSUMS, None)
             return state, meta
+        if all(p.startswith(OTHER_MODEL) for p in problems):
+            raise CheckpointError(f"the checkpoints in {os.path.join(self.workdir, LATEST_DIR)} hold {problems[0]}; "
+                                  "resume with the config they were saved with, or use a new --workdir")
         raise CheckpointError(f"no readable checkpoint in {os.path.join(self.workdir, LATEST_DIR)} "
                               f"(tried steps {steps}); move the directory away to start over")
 

@@ -246,7 +246,8 @@ def test_failed_launch_leaves_a_missing_config_missing(tmp_path, require_mnist):
     os.remove(os.path.join(workdir, "config.json"))
     # Another model cannot read these checkpoints: the launch fails and must not claim the workdir.
     other = _launch(workdir, "--config.num_epochs=1", "--config.model.hidden_sizes=(32,)", *QUICK)
-    assert "no readable checkpoint" in _one_line(other.stderr, 2, other.returncode)
+    line = _one_line(other.stderr, 2, other.returncode)
+    assert "hold another model than this config" in line and "saved (256,), this config (32,)" in line
     assert not os.path.exists(os.path.join(workdir, "config.json"))
     # The original run is still welcome, and its config.json is back.
     again = _launch(workdir, "--config.num_epochs=2", "--allow_config_change", *QUICK)
