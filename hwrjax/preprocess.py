@@ -65,7 +65,7 @@ MAX_JPEG_PIXELS = 64_000_000
 # Decoded images larger than this are area-reduced in Pillow before they become floats.
 DECODE_PIXELS = 1_000_000
 # Segmentation runs on an area-downscaled copy of at most about this many pixels ...
-WORK_PIXELS = 300_000
+WORK_PIXELS = 120_000
 # ... and on an upsampled copy when the image is smaller than this on its shorter side.
 MIN_WORK_SIDE = 48
 
@@ -421,8 +421,10 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     lo, hi = float(values.min()), float(values.max())
     if hi - lo < 1e-12:
         return hi
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
+    width = (hi - lo) / bins
+    idx = np.minimum(((values - lo) / width).astype(np.int64), bins - 1)
+    hist = np.bincount(idx, minlength=bins)  # np.histogram's result, several times faster
+    centres = lo + (np.arange(bins) + 0.5) * width
     p = hist.astype(np.float64) / hist.sum()
     w0 = np.cumsum(p)
     m0 = np.cumsum(p * centres)
@@ -431,7 +433,7 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mt * w0 - m0) ** 2 / (w0 * w1)
     between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[int(np.argmax(between)) + 1])
+    return lo + (int(np.argmax(between)) + 1) * width
 
 
 def _neighbour_correlation(a: np.ndarray) -> float:
@@ -454,9 +456,12 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     the noise. Other images are returned as they are.
     """
     h, w = ink_pos.shape
-    local = ink_pos - ndimage.gaussian_filter(ink_pos, max(2.0, min(h, w) / 8.0), mode="nearest")
+    size = max(3, min(h, w) // 4)
+    local = ink_pos - ndimage.uniform_filter(
+        ndimage.uniform_filter(ink_pos, size, mode="nearest"), size, mode="nearest"
+    )  # ~triangular smoothing, O(1) per pixel whatever the size
     lo, hi = np.percentile(local, [5, 99.5])
-    _, noise = _paper_level_and_noise(ink_pos, 0.0)
+    noise = _noise(ink_pos, 0.0)
     if hi - lo < max(_MIN_CONTRAST, 8.0 * noise):
         return ink_pos
     if float(np.mean(_ring(local, 1) > 0.5 * (float(lo) + float(hi)))) <= 0.01:
@@ -526,23 +531,29 @@ def _form_lines(mask: np.ndarray) -> np.ndarray:
     return lines
 
 
+def _noise(a: np.ndarray, sigma: float) -> float:
+    """Robust noise sigma from differences of pixels 2 sigma + 1 apart (past a blur's reach).
+
+    Their median absolute value ignores edges between ink and paper as long as most pixel
+    pairs lie inside one of them, so it does not depend on how much of the image is ink.
+    """
+    k = int(np.ceil(2.0 * sigma)) + 1
+    diffs = [(a[k:] - a[:-k]).ravel(), (a[:, k:] - a[:, :-k]).ravel()]
+    diffs = np.abs(np.concatenate(diffs))
+    if diffs.size == 0:
+        return 0.0
+    return 1.4826 * float(np.median(diffs)) / np.sqrt(2.0)
+
+
 def _paper_level_and_noise(strength: np.ndarray, sigma: float) -> tuple[float, float]:
     """The paper's level (median of the darker Otsu class) and its noise (robust sigma).
 
     Neither may depend on how much of the image is ink: a bold digit in a tight box can
-    cover half of it. The noise is measured from differences of pixels 2 sigma + 1 apart
-    (past the smoothing's reach), whose median absolute value ignores edges between ink
-    and paper as long as most pixel pairs lie inside one of them.
+    cover half of it.
     """
     t = _otsu(strength.ravel())
     below = strength[strength <= t]
-    med = float(np.median(below if below.size else strength))
-    k = int(np.ceil(2.0 * sigma)) + 1
-    diffs = [strength[k:] - strength[:-k], strength[:, k:] - strength[:, :-k]]
-    diffs = np.concatenate([d.ravel() for d in diffs if d.size])
-    if diffs.size == 0:
-        return med, 0.0
-    return med, 1.4826 * float(np.median(np.abs(diffs))) / np.sqrt(2.0)
+    return float(np.median(below if below.size else strength)), _noise(strength, sigma)
 
 
 def _segment(grey: np.ndarray) -> _Ink:

@@ -1,0 +1,133 @@
+"""What reading one image costs in preprocessing: decoding included, medians over repeats.
+
+  python benchmarks/preprocess_speed.py                          # per-image medians
+  python benchmarks/preprocess_speed.py --workdir=runs/resnet    # plus `hwrjax predict` on 5,000 files
+
+Per image (PNG or JPEG bytes -> `load_image` -> `to_mnist`, the path of `hwrjax predict
+--mode=digit`): an 8x8 scan, a 28x28 digit, a 64x64 tight crop, a 640x480 photo, a
+12-megapixel phone photo (4000x3000 JPEG of a digit on lit, noisy paper), and hostile
+inputs (a 1-px line 5000 px long, a 2800x2800 RGBA PNG, a 16x16 noise image). Reported as
+the median of --repeats runs each, so a busy machine moves the figures less.
+
+With --workdir: `hwrjax predict --mode=digit --format=json` on a folder of --files small
+tight-crop PNGs (16-32 px), timed against the same command on 50 of them, so the
+difference is the reading rate after start-up (loading JAX and the model, compiling).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 30, "Timed runs per input (the median is reported).")
+flags.DEFINE_string("workdir", "", "A training workdir: also time `hwrjax predict` on a folder.")
+flags.DEFINE_integer("files", 5000, "Files in the folder given to `hwrjax predict`.")
+
+
+def _encode(a: np.ndarray | Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    im = a if isinstance(a, Image.Image) else Image.fromarray(a)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A digit written on paper, photographed: lighting gradient, blur, sensor noise."""
+    im = Image.new("L", (width, height), 215)
+    s = min(width, height)
+    ImageDraw.Draw(im).line([(0.55 * width, 0.2 * height), (0.48 * width, 0.8 * height)],
+                            fill=40, width=max(2, s // 40))
+    ImageDraw.Draw(im).line([(0.4 * width, 0.2 * height), (0.55 * width, 0.2 * height)],
+                            fill=40, width=max(2, s // 40))
+    a = np.asarray(im, np.float32) * np.linspace(1.0, 0.8, width)[None, :]
+    a += rng.normal(0, 6, a.shape)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def _inputs() -> dict[str, bytes]:
+    from hwrjax import forms
+
+    rng = np.random.default_rng(0)
+    seven = np.zeros((28, 28), np.uint8)
+    im = Image.fromarray(seven)
+    ImageDraw.Draw(im).line([(8, 6), (20, 6), (12, 23)], fill=255, width=3)
+    seven = np.asarray(im)
+    line = Image.new("L", (5000, 2), 255)
+    ImageDraw.Draw(line).line([(0, 1), (4999, 1)], fill=0)
+    rgba = Image.new("RGBA", (2800, 2800), (255, 255, 255, 255))
+    ImageDraw.Draw(rgba).line([(1400, 300), (1300, 2500)], fill=(0, 0, 0, 255), width=40)
+    return {
+        "8x8 scan": _encode(forms.render_form("tight8", seven, rng)),
+        "28x28 digit": _encode(seven),
+        "64x64 tight crop": _encode(np.asarray(Image.fromarray(seven[5:25, 6:22]).resize((52, 64)))),
+        "640x480 photo (JPEG)": _encode(_photo(640, 480, rng), "JPEG", quality=90),
+        "4000x3000 photo (JPEG)": _encode(_photo(4000, 3000, rng), "JPEG", quality=90),
+        "hostile: 5000x2 line": _encode(line),
+        "hostile: 2800x2800 RGBA": _encode(rgba),
+        "hostile: 16x16 noise": _encode((rng.random((16, 16)) * 255).astype(np.uint8)),
+    }
+
+
+def _time_one(data: bytes) -> tuple[float, str]:
+    from hwrjax import preprocess
+
+    t0 = time.perf_counter()
+    try:
+        preprocess.to_mnist(preprocess.load_image(data))
+        outcome = "read"
+    except preprocess.ImageError as e:
+        outcome = f"refused: {str(e)[:60]}"
+    return (time.perf_counter() - t0) * 1e3, outcome
+
+
+def _predict_rate(workdir: str, files: int) -> None:
+    from hwrjax import forms
+    from hwrjax import data as hdata
+    from configs import default
+
+    test = hdata.load_split(hdata.ensure_prepared(default.get_config()), "test")
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for sub, n in (("few", 50), ("many", files)):
+            os.makedirs(os.path.join(tmp, sub))
+            for i in range(n):
+                size = int(rng.integers(16, 33))
+                img = forms.tight_crop(test.images[i % len(test.images), ..., 0], size)
+                Image.fromarray((img * 255).astype(np.uint8)).save(os.path.join(tmp, sub, f"{i:05d}.png"))
+        walls = {}
+        for sub in ("few", "many"):
+            cmd = [sys.executable, "-m", "hwrjax.cli", "predict", f"--workdir={workdir}", "--mode=digit",
+                   "--format=json", os.path.join(tmp, sub)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls[sub] = time.perf_counter() - t0
+        rate = (files - 50) / max(walls["many"] - walls["few"], 1e-9)
+        print(f"hwrjax predict: {files} files in {walls['many']:.1f} s, 50 in {walls['few']:.1f} s "
+              f"-> {rate:.0f} images/s after start-up")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    for name, data in _inputs().items():
+        _time_one(data)  # warm caches and imports
+        runs = [_time_one(data) for _ in range(FLAGS.repeats)]
+        ms = statistics.median(t for t, _ in runs)
+        print(f"{name:26s} {len(data):>9,} bytes  median {ms:8.2f} ms  ({runs[0][1]})", flush=True)
+    if FLAGS.workdir:
+        _predict_rate(FLAGS.workdir, FLAGS.files)
+
+
+if __name__ == "__main__":
+    app.run(main)
