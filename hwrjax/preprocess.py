@@ -57,9 +57,11 @@ __all__ = [
     "split_digits",
 ]
 
-# Largest image (width * height) `load_image` will decode; checked on the header. Decoding a
-# lossless file costs time and memory in proportion to its pixels (8 MP of RGBA: ~0.1 s, 32 MB).
-MAX_PIXELS = 8_000_000
+# Largest image (width * height) `load_image` will decode; checked on the header ...
+MAX_PIXELS = 24_000_000
+# ... and the most bytes a lossless file may decode to: its cost in time and memory grows with
+# them (24 MB: a 300 dpi A4 scan in grey, 8 MP of RGB or 6 MP of RGBA, ~0.1 s each here).
+MAX_DECODED_BYTES = 24_000_000
 # JPEGs are decoded at 1/2 to 1/8 scale in libjpeg, so larger ones cost no more than that.
 MAX_JPEG_PIXELS = 64_000_000
 # Decoded images larger than this are area-reduced in Pillow before they become floats.
@@ -117,7 +119,7 @@ def load_image(source: ImageSource) -> np.ndarray:
     try:
         header = _read_header(fp)
         if header is not None:
-            _check_size(header.size, name, header.format)
+            _check_size(header.size, name, header.format, header.mode)
         fp.seek(0)
         try:
             im = Image.open(fp)
@@ -130,7 +132,7 @@ def load_image(source: ImageSource) -> np.ndarray:
             raise ImageError(
                 f"{name} is larger than Pillow's pixel limit; downscale it first"
             ) from None
-        _check_size(im.size, name, im.format)
+        _check_size(im.size, name, im.format, im.mode)
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # The first frame of an animation or a multi-page scan.
         try:
@@ -235,8 +237,8 @@ def _read_header(fp: BinaryIO) -> Image.Image | None:
     return None
 
 
-def _check_size(size: tuple[int, int], name: str, fmt: str | None = None) -> None:
-    """Raises ImageError for a 0-pixel image or one over MAX_PIXELS (MAX_JPEG_PIXELS for JPEG)."""
+def _check_size(size: tuple[int, int], name: str, fmt: str | None = None, mode: str = "L") -> None:
+    """Raises ImageError for a 0-pixel image, or one over the pixel or decoded-byte limits."""
     w, h = size
     if w <= 0 or h <= 0:
         raise ImageError(f"{name} is empty ({w}x{h} pixels); pass an image with content")
@@ -246,6 +248,13 @@ def _check_size(size: tuple[int, int], name: str, fmt: str | None = None) -> Non
             f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
             f"(hwrjax.preprocess.{what}); downscale it first"
         )
+    if fmt != "JPEG":
+        per_pixel = 2 * len(mode) if mode.startswith("I;16") else 4 if mode in ("I", "F") else len(mode)
+        if w * h * per_pixel > MAX_DECODED_BYTES:
+            raise ImageError(
+                f"{name} is {w}x{h} {mode}, {w * h * per_pixel:,} bytes decoded, over the limit of "
+                f"{MAX_DECODED_BYTES:,} (hwrjax.preprocess.MAX_DECODED_BYTES); downscale it or save it as JPEG"
+            )
 
 
 def _pil_to_grey(im: Image.Image) -> np.ndarray:

@@ -529,15 +529,18 @@ def test_line_read_as_a_number_is_refused_before_it_is_cut_up():
 
 
 def test_large_lossless_images_are_reduced_before_they_become_floats():
-    im = Image.new("RGBA", (2800, 2800), (255, 255, 255, 255))
-    ImageDraw.Draw(im).line([(1400, 300), (1300, 2500)], fill=(0, 0, 0, 255), width=40)
+    im = Image.new("RGB", (2800, 2800), (255, 255, 255))
+    ImageDraw.Draw(im).line([(1400, 300), (1300, 2500)], fill=(0, 0, 0), width=40)
     grey = load_image(_png_bytes(im))
     assert grey.size <= preprocess.DECODE_PIXELS
     assert grey.shape[0] == grey.shape[1] and grey.min() < 0.2 and np.median(grey) > 0.9
-    # 6300x6300 RGBA (170 KB of PNG, 160 MB decoded) is refused on its header.
+    # 6300x6300 RGBA (170 KB of PNG, 160 MB decoded) and 2800x2800 RGBA (31 MB decoded) are
+    # refused on their headers.
     big = _png_bytes(Image.new("RGBA", (6300, 6300), (255, 255, 255, 255)))
     with pytest.raises(ImageError, match="MAX_PIXELS"):
         load_image(big)
+    with pytest.raises(ImageError, match="2800x2800 RGBA.*MAX_DECODED_BYTES"):
+        load_image(_png_bytes(im.convert("RGBA")))
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale():
