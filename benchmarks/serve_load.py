@@ -21,7 +21,9 @@ UPLOAD_SCALE) to a 160x64 PNG, in the page's default mode (number). --images=pho
   * --slowloris connections each sending a request head one byte every 0.5 s, reopened
     when the server closes them;
   * --idle connections opened and left silent, reopened when closed.
-It reports the normal clients' figures quiet and hostile side by side, with the p99 ratio.
+The attackers run in a process of their own at nice 10 (a real attacker is not on the server's
+cores). It reports the normal clients' figures quiet and hostile side by side, with the p99 ratio;
+--rounds interleaves quiet and hostile phases and the table gives medians over the rounds.
 """
 
 from __future__ import annotations
@@ -286,6 +288,9 @@ class Attack:
 
 def _attack_main(url: str, kinds: list[str], bombs: int, slowloris: int, idle: int, stop: Any, results: Any) -> None:
     """The attack process: runs the attackers until `stop` is set, then reports what they got."""
+    # An attacker does not run on the server's cores; here it must, so it yields them to the server
+    # and the normal clients (it still runs flat out whenever a core is free).
+    os.nice(10)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parts = urllib.parse.urlsplit(url)
     address = (parts.hostname, parts.port)

@@ -18,12 +18,12 @@ already being answered, 404/405 for unknown routes and methods.
 
 How a reading is made: small images (the page's drawings, scans up to LIGHT_PIXELS) are
 preprocessed in a pool of `workers` threads. Larger ones (photos, hostile sizes) go to the
-slow lane: one worker process of lower CPU priority with its own GIL, at most `slow_memory_mb`
-and `slow_timeout` per image (it is killed and restarted past them), at most `slow_queue`
-waiting (more get a prompt 503), so they cannot delay the drawings nor take the service down.
-The digit crops of all requests waiting at that moment are classified in one model call by a
-MicroBatcher, padded to a power-of-two batch size (each compiled at start). `latency_ms` is
-the server's time from the complete upload to the reading.
+slow lane: one worker process at the lowest CPU priority (nice 19) with its own GIL, at most
+`slow_memory_mb` and `slow_timeout` per image (it is killed and restarted past them), at most
+`slow_queue` waiting (more get a prompt 503), so they cannot delay the drawings nor take the
+service down. The digit crops of all requests waiting at that moment are classified in one
+model call by a MicroBatcher, padded to a power-of-two batch size (each compiled at start).
+`latency_ms` is the server's time from the complete upload to the reading.
 
 Who may use it: requests must name this server in their Host header (the bound address,
 its loopback aliases, or a name given with --allow-host), which defeats DNS rebinding;
@@ -123,7 +123,7 @@ class Limits:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("body_timeout", "header_timeout", "keep_alive", "slow_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.max_batch & (self.max_batch - 1):
             raise ValueError(f"max_batch must be a power of two (each is compiled once), got {self.max_batch}")
@@ -278,7 +278,7 @@ def _is_light(data: bytes) -> bool:
         return True  # over Pillow's own guard, so over MAX_PIXELS too: refused from the header
     except Exception:  # Not an image Pillow knows: preprocessing refuses it at once.
         return True
-    refused = max(preprocess.MAX_PIXELS, getattr(preprocess, "MAX_JPEG_PIXELS", 0))  # over every format's limit
+    refused = max(preprocess.MAX_PIXELS, preprocess.MAX_JPEG_PIXELS)  # over every format's limit
     return (w * h <= LIGHT_PIXELS and max(w, h) <= LIGHT_SIDE) or w * h > refused
 
 
@@ -297,7 +297,7 @@ def _data_bytes() -> int:
 def _slow_lane_worker(conn: Any, max_digits: int, memory_bytes: int) -> None:
     """The slow lane's process: reads the images sent over `conn` one at a time, nice'd, with capped memory."""
     with contextlib.suppress(OSError):
-        os.nice(10)
+        os.nice(19)  # the lowest priority: drawings and the event loop come first whenever the cores are busy
     if sys.platform.startswith("linux"):
         import resource
 
