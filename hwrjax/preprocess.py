@@ -91,6 +91,7 @@ _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not
 _LINE_COVER = 0.9  # a form line covers this share of the ink's extent along it ...
 _LINE_THIN = 0.08  # ... is at most this share of the extent across it thick ...
 _LINE_EDGE = 0.2  # ... and lies in this outer share of the extent across it
+_REPLICATION_PIXELS = 1_000_000  # larger images are not checked for hard-pixel enlargement
 _MAX_THICKEN = 4  # thickening radius cap, in px at the layout's working box (4x the 20 px box)
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
@@ -713,6 +714,24 @@ def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(canvas[y0 : y0 + MNIST_SIZE, x0 : x0 + MNIST_SIZE])
 
 
+def _native_pixels(grey: np.ndarray) -> np.ndarray:
+    """Undoes nearest-neighbour enlargement: an image of k x k blocks becomes one pixel per block.
+
+    A tiny scan blown up with hard pixels keeps its staircase edges through any smooth
+    resampling; read at its native size it is upsampled smoothly like any tiny scan.
+    """
+    h, w = grey.shape
+    if h * w > _REPLICATION_PIXELS:
+        return grey
+    for k in range(min(h, w, 16), 1, -1):
+        if h % k or w % k:
+            continue
+        small = grey[::k, ::k]
+        if np.array_equal(np.repeat(np.repeat(small, k, axis=0), k, axis=1), grey):
+            return small
+    return grey
+
+
 def _is_mnist_form(grey: np.ndarray) -> bool:
     """True for an image already in MNIST's form: 28x28, light ink on black, ink box ~20 px, centred."""
     if grey.shape != (MNIST_SIZE, MNIST_SIZE) or float(_ring(grey, 2).mean()) > 0.05:
@@ -733,7 +752,7 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     grey = _as_grey(image)
     if _is_mnist_form(grey):
         return np.ascontiguousarray(grey, dtype=np.float32)
-    ink = _segment(grey)
+    ink = _segment(_native_pixels(grey))
     return _layout(ink.soft, ink.mask)
 
 
@@ -933,7 +952,7 @@ def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
     """
     if max_digits < 1:
         raise ValueError(f"max_digits must be >= 1, got {max_digits}")
-    ink = _segment(_as_grey(image))
+    ink = _segment(_native_pixels(_as_grey(image)))
     if ink.count > 5 * max_digits + 20:  # grouping compares every pair of marks
         raise ImageError(
             f"found {ink.count} separate marks, too many for a number of at most {max_digits} "

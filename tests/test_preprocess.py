@@ -573,3 +573,14 @@ def test_ink_on_a_transparent_canvas_is_the_opaque_part(ink):
     im = Image.new("RGBA", (112, 112), (0, 0, 0, 0) if ink[0] == 255 else (255, 255, 255, 0))
     _draw_glyph(ImageDraw.Draw(im), "7", (0, 0, 112, 112), width=10, fill=ink)
     assert corr1(to_mnist(load_image(_png_bytes(im))), mnist_like("7")) > 0.9
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_hard_pixel_enlargement_reads_like_the_native_scan(k):
+    small = _render("tight12", "4")
+    big = np.kron(small, np.ones((k, k), np.uint8))
+    np.testing.assert_array_equal(to_mnist(big), to_mnist(small))
+    # Not every image of flat regions is an enlargement: one odd pixel and it is read as it is.
+    odd = big.copy()
+    odd[0, 1] = 255 - odd[0, 1]
+    assert preprocess._native_pixels(odd.astype(np.float32)).shape == odd.shape
