@@ -49,6 +49,7 @@ import functools
 import importlib.resources
 import io
 import ipaddress
+import itertools
 import math
 import multiprocessing
 import os
@@ -633,6 +634,9 @@ def create_app(recognizer: Recognizer, limits: Limits | None = None, *, host: st
 # ------------------------------------------------------------------------ the server
 
 
+_WAIT_ORDER = itertools.count()  # orders the connections by when they began to wait for a head
+
+
 class _GuardedH11(H11Protocol):
     """uvicorn's h11 protocol plus a deadline for each request head and a cap on open connections.
 
@@ -647,7 +651,7 @@ class _GuardedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
-        self.waiting_since: float | None = None  # loop time a request head has been awaited from
+        self.waiting_since: int | None = None  # when it began to await a request head, in _WAIT_ORDER
         self._head_bytes = 0  # bytes of the awaited head received so far ...
         self._head_tail = b""  # ... and its last 3, to find the blank line ending it across reads
         self._draining = False  # reading and dropping the body of a request answered without it
@@ -666,7 +670,7 @@ class _GuardedH11(H11Protocol):
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_bytes, self._head_tail = 0, b""
-        self.waiting_since = self.loop.time()
+        self.waiting_since = next(_WAIT_ORDER)  # a count, not loop.time(): uvloop's clock ticks in ms
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
