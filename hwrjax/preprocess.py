@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, Union
@@ -182,6 +183,9 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
             raise ImageError(f"cannot read {name}: no such file; check the path")
         if os.path.isdir(path):
             raise ImageError(f"cannot read {name}: it is a directory; pass an image file")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # A FIFO, socket or device would block or never end; it is never opened.
+            raise ImageError(f"cannot read {name}: not a regular file (a pipe or device); pass an image file")
         try:
             fp = open(path, "rb")
         except OSError as e:

@@ -584,3 +584,12 @@ def test_hard_pixel_enlargement_reads_like_the_native_scan(k):
     odd = big.copy()
     odd[0, 1] = 255 - odd[0, 1]
     assert preprocess._native_pixels(odd.astype(np.float32)).shape == odd.shape
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    import os
+
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(fifo)
