@@ -468,6 +468,25 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 # Preemption: SIGTERM / Ctrl-C save a checkpoint and stop cleanly.
 
 
+# Test hook: HWRJAX_TEST_SIGNAL_AT_STEP="STEP:SIGNAL" (e.g. "40:SIGKILL") makes the training loop send
+# SIGNAL to its own process right after step STEP (and that step's validation and checkpoint calls),
+# so tests interrupt a run at a chosen step instead of racing the clock. Unset, it costs nothing.
+SIGNAL_AT_STEP_ENV = "HWRJAX_TEST_SIGNAL_AT_STEP"
+
+
+def signal_at_step_hook() -> tuple[int, signal.Signals] | None:
+    """(step, signal) from $HWRJAX_TEST_SIGNAL_AT_STEP, or None when it is unset or empty."""
+    value = os.environ.get(SIGNAL_AT_STEP_ENV, "")
+    if not value:
+        return None
+    step, _, name = value.partition(":")
+    try:
+        return int(step), signal.Signals[name]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{SIGNAL_AT_STEP_ENV}={value!r} is not STEP:SIGNAL (e.g. 40:SIGTERM); "
+                          "fix or unset it") from None
+
+
 class _StopSignal:
     def __init__(self):
         self.received: int | None = None
@@ -506,6 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_time = time.time()
     mesh = parallel.make_mesh()
     validate_config(config, mesh.devices.size)
+    signal_at_step_hook()  # a malformed test hook is refused before any work
     check_workdir(workdir)
     lock = None
     busy = None
@@ -664,6 +684,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     if finished:
         logging.info("The run in %s already finished at step %d; reporting its test metrics.", workdir, step)
     pending: list[dict] = []
+    signal_at = signal_at_step_hook()
     last_log_time, last_log_step = time.time(), step
     state = to_run_state(state)
     try:
@@ -708,6 +729,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
                 every = config.checkpoint.every_steps
                 if epoch_end or (every and step % every == 0) or meta["stopped_early"]:
                     save(step, state)
+                if signal_at is not None and step == signal_at[0]:
+                    signal.raise_signal(signal_at[1])
                 if stop.received is not None:
                     save(step, state)
                     ckpt.wait()

@@ -7,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
+import conftest
 from configs import resnet as resnet_config
 from hwrjax import checkpoint, train
 from hwrjax.errors import ConfigError
@@ -21,15 +21,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smoke ResNet long enough (3 epochs x 32 steps) to be interrupted twice part way through.
 EPOCHS = 3
 TOTAL_STEPS = EPOCHS * 32
+# Tolerances of pmap against jit after 96 steps (measured: see the test).
+PMAP_RTOL, PMAP_ATOL = 1e-3, 1e-4
 # It keeps a moving average of the weights, which must resume bit for bit too.
 OVERRIDES = [f"--config.num_epochs={EPOCHS}", "--config.checkpoint.every_steps=12", "--config.log_every_steps=4",
              "--config.dataset.test_split=test[:500]", "--config.report_plots=False", "--config.ema_decay=0.9"]
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, signal_at: str = "") -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env.pop(train.SIGNAL_AT_STEP_ENV, None)
+    if signal_at:
+        env[train.SIGNAL_AT_STEP_ENV] = signal_at  # the loop signals itself after that step
     return env
 
 
@@ -38,9 +43,11 @@ def _command(workdir: str, *extra: str) -> list[str]:
             f"--workdir={workdir}", *OVERRIDES, *extra]
 
 
-def _run(workdir: str, devices: int = 1, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(workdir, *extra), env=_env(devices), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _run(workdir: str, devices: int = 1, *extra: str, signal_at: str = "") -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(workdir, *extra), env=_env(devices, signal_at), capture_output=True, text=True,
+                          timeout=600)
+    if not signal_at:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -50,20 +57,6 @@ def _last_logged_step(workdir: str) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in open(path) if line.strip().endswith("}")]
     return max(steps, default=0)
-
-
-def _start_and_interrupt(workdir: str, sig: int, devices: int = 1, after_step: int = 40) -> subprocess.Popen:
-    """Starts (or resumes) a run and sends `sig` once it has logged `after_step` (mid-epoch)."""
-    proc = subprocess.Popen(_command(workdir), env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 300
-    while _last_logged_step(workdir) < after_step:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "run did not reach the interrupt step"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
-    return proc
 
 
 def _digest(workdir: str) -> str:
@@ -94,28 +87,37 @@ def _damage_newest_checkpoint(workdir: str) -> tuple[int, str]:
     return steps[-1], newest
 
 
+# The uninterrupted runs each interrupted run must end identical to: (devices, parallel mode).
+REFERENCES = [(1, "jit"), (8, "jit"), (8, "pmap")]
+
+
+def _parallel_flag(mode: str) -> list[str]:
+    return [f"--config.parallel={mode}"] if mode != "jit" else []
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Digests of uninterrupted runs on 1 and 8 devices, both started at once in the background."""
-    if not os.environ.get("TFDS_DATA_DIR"):
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
+    """Workdirs and digests of uninterrupted runs (REFERENCES), all started at once in the background."""
+    if not conftest.mnist_available():
+        conftest.skip_or_fail_without_mnist()
     started = {}
-    for devices in (1, 8):
-        root = tmp_path_factory.mktemp(f"reference{devices}")
+    for devices, mode in REFERENCES:
+        root = tmp_path_factory.mktemp(f"reference{devices}{mode}")
         log = open(root / "stderr.log", "w+")  # a file, not a pipe: a full pipe would stall the run
-        started[devices] = (str(root / "run"), log, subprocess.Popen(
-            _command(str(root / "run")), env=_env(devices), stdout=subprocess.DEVNULL, stderr=log))
+        started[devices, mode] = (str(root / "run"), log, subprocess.Popen(
+            _command(str(root / "run"), *_parallel_flag(mode)), env=_env(devices), stdout=subprocess.DEVNULL,
+            stderr=log))
     cache = {}
 
-    def get(devices: int) -> str:
-        if devices not in cache:
-            workdir, log, proc = started[devices]
+    def get(devices: int, mode: str = "jit") -> tuple[str, str]:
+        if (devices, mode) not in cache:
+            workdir, log, proc = started[devices, mode]
             proc.wait(timeout=900)
             log.seek(0)
             assert proc.returncode == 0, log.read()[-3000:]
-            cache[devices] = _digest(workdir)
-            print(f"reference parameter sha256 on {devices} device(s): {cache[devices]}")
-        return cache[devices]
+            cache[devices, mode] = workdir, _digest(workdir)
+            print(f"reference parameter sha256 on {devices} device(s), {mode}: {cache[devices, mode][1]}")
+        return cache[devices, mode]
 
     yield get
     for _, log, proc in started.values():
@@ -131,19 +133,19 @@ def test_interrupted_three_ways_ends_bitwise_identical(tmp_path, reference, devi
     the uninterrupted one, and relaunching a finished run does not train again."""
     workdir = str(tmp_path / "run")
 
-    # SIGTERM (a scheduler's preemption notice): saves where it is and exits 0 with a hint.
-    proc = _start_and_interrupt(workdir, signal.SIGTERM, devices, after_step=28)
-    err = proc.stderr.read()
-    assert proc.returncode == 0, err[-2000:]
-    assert "rerun the same command to resume" in err
-    stopped_at = _last_logged_step(workdir)
-    saved = checkpoint.Checkpointer(workdir).latest_step()
-    assert saved is not None and stopped_at <= saved < TOTAL_STEPS  # saved where it stopped, before the end
+    # SIGTERM (a scheduler's preemption notice) after step 28, between checkpoints: saves there and
+    # exits 0 with a hint.
+    proc = _run(workdir, devices, signal_at="28:SIGTERM")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rerun the same command to resume" in proc.stderr and "at step 28" in proc.stderr
+    assert checkpoint.Checkpointer(workdir).latest_step() == 28 == _last_logged_step(workdir)
 
-    # Resume, then SIGKILL (no chance to save) in the next epoch.
-    proc = _start_and_interrupt(workdir, signal.SIGKILL, devices, after_step=64)
-    assert proc.returncode == -signal.SIGKILL
-    assert saved < checkpoint.Checkpointer(workdir).latest_step() < TOTAL_STEPS  # it resumed and was cut short
+    # Resume, then SIGKILL (no chance to save) after step 70, in the next epoch.
+    proc = _run(workdir, devices, signal_at="70:SIGKILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert f"Resuming from step 28 of {TOTAL_STEPS}" in proc.stderr  # the newest checkpoint
+    assert 28 < checkpoint.Checkpointer(workdir).latest_step() <= 70  # it resumed and was cut short
+    assert _last_logged_step(workdir) == 68  # the last log row (every 4 steps) before the kill
 
     # The newest checkpoint is damaged (e.g. the disk filled while it was written): resume reports it
     # with its step and path and falls back to the one before.
@@ -152,7 +154,7 @@ def test_interrupted_three_ways_ends_bitwise_identical(tmp_path, reference, devi
     assert f"step {step}" in proc.stderr and "damaged" in proc.stderr and newest in proc.stderr
     digest = _digest(workdir)
     print(f"resumed parameter sha256 on {devices} device(s): {digest}")
-    assert digest == reference(devices)
+    assert digest == reference(devices)[1]
 
     # A finished run is not retrained: it says so and reports again.
     lines_before = open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss")
@@ -160,6 +162,39 @@ def test_interrupted_three_ways_ends_bitwise_identical(tmp_path, reference, devi
     assert "already finished" in again.stderr
     assert open(os.path.join(workdir, "metrics.jsonl")).read().count("train_loss") == lines_before
     assert "test accuracy" in again.stdout
+
+
+def test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit(tmp_path, reference):
+    """--config.parallel=pmap on 8 devices end to end: train, checkpoint, SIGKILL, resume."""
+    workdir = str(tmp_path / "run")
+    proc = _run(workdir, 8, "--config.parallel=pmap", signal_at="40:SIGKILL")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert checkpoint.Checkpointer(workdir).latest_step() in (32, 36)  # epoch end, then every 12 steps
+    _run(workdir, 8, "--config.parallel=pmap")
+    pmap_dir, pmap_digest = reference(8, "pmap")
+    assert _digest(workdir) == pmap_digest
+    # The same run under jit agrees to float32 rounding, compounded over 96 steps.
+    jit_dir, _ = reference(8, "jit")
+    for average in (False, True):
+        got = checkpoint.load_variables(pmap_dir, "latest", average=average)[0]
+        want = checkpoint.load_variables(jit_dir, "latest", average=average)[0]
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=PMAP_RTOL, atol=PMAP_ATOL)
+    reports = [json.load(open(os.path.join(d, "report", "test_metrics.json"))) for d in (pmap_dir, jit_dir)]
+    assert reports[0]["num_examples"] == reports[1]["num_examples"] == 500
+    assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-3)
+    assert abs(reports[0]["accuracy"] - reports[1]["accuracy"]) <= 2 / 500
+
+
+def test_signal_hook_refuses_a_malformed_value(monkeypatch):
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "")
+    assert train.signal_at_step_hook() is None
+    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "12:SIGTERM")
+    assert train.signal_at_step_hook() == (12, signal.SIGTERM)
+    for bad in ("SIGTERM", "12", "12:TERM", "x:SIGKILL"):
+        monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, bad)
+        with pytest.raises(ConfigError, match="STEP:SIGNAL"):
+            train.signal_at_step_hook()
 
 
 def test_no_readable_checkpoint_never_silently_restarts(tmp_path, untrained_workdir):
