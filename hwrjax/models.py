@@ -10,6 +10,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from hwrjax import layers
@@ -71,7 +72,12 @@ def crop_border(x: jnp.ndarray, border: int) -> jnp.ndarray:
     if border < 0 or 2 * border >= min(x.shape[1], x.shape[2]):
         raise ConfigError(f"config.model.crop_border={border} does not fit {x.shape[1]}x{x.shape[2]} images; "
                           f"use 0 to {(min(x.shape[1], x.shape[2]) - 1) // 2}")
-    return x[:, border:x.shape[1] - border, border:x.shape[2] - border, :] if border else x
+    if not border:
+        return x
+    # Slices, not indexing: with a symbolic batch size (export) indexing lowers to a gather that
+    # the TFLite converter cannot translate.
+    x = jax.lax.slice_in_dim(x, border, x.shape[1] - border, axis=1)
+    return jax.lax.slice_in_dim(x, border, x.shape[2] - border, axis=2)
 
 
 class ConvNet(nn.Module):
