@@ -1,10 +1,12 @@
-"""Shared fixtures: a workdir holding an (untrained) checkpoint, without needing any dataset."""
+"""Shared fixtures: an untrained checkpoint (no dataset needed), a small run trained on MNIST once per
+session, independent oracles to check inference against, and a summary of what was skipped and why."""
 
 import atexit
 import json
 import os
 import shutil
 import tempfile
+import warnings
 
 # One persistent compilation cache for this test session, inherited by every launch.py and
 # `hwrjax` subprocess: the many smoke runs of one recipe compile their steps once. It starts
@@ -21,7 +23,8 @@ if "HWRJAX_DATA_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _DATA_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
 from hwrjax import checkpoint, models, optim, train  # noqa: E402
@@ -64,21 +67,139 @@ def _untrained_template(tmp_path_factory):
 @pytest.fixture
 def untrained_workdir(tmp_path, _untrained_template):
     """A workdir of its own with config.json and an untrained small ResNet checkpoint (no data needed)."""
-    import shutil
-
     return shutil.copytree(_untrained_template, str(tmp_path / "run"))
 
 
+def mnist_data_dir() -> str:
+    """Where tfds (and so hwrjax) looks for datasets: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
 def mnist_available() -> bool:
-    """True when the real MNIST is prepared in $TFDS_DATA_DIR."""
-    d = os.environ.get("TFDS_DATA_DIR")
-    return bool(d) and os.path.isdir(os.path.join(d, "mnist"))
+    """True when the real MNIST is prepared where tfds looks for it."""
+    return os.path.isdir(os.path.join(mnist_data_dir(), "mnist"))
+
+
+def skip_or_fail_without_mnist() -> None:
+    """Skips (or in CI, fails) the current test or fixture when the real MNIST is not prepared."""
+    if not mnist_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
+        pytest.skip(f"needs the real MNIST, not prepared in {mnist_data_dir()}: set TFDS_DATA_DIR to a tfds "
+                    "data dir holding it, or run `tfds build mnist` once with network")
 
 
 @pytest.fixture
 def require_mnist():
     """Skips (or in CI, fails) a test that needs the real MNIST when it is not prepared."""
-    if not mnist_available():
-        if os.environ.get("CI"):
-            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
+    skip_or_fail_without_mnist()
+
+
+# ---------------------------------------------------------------- the trained run
+
+# The trained fixture's test split: 1000 examples, not a multiple of its eval batch (256), so a
+# dropped or unmasked last batch changes what is counted.
+TRAINED_SPLIT = "test[:1000]"
+TRAINED_SPLIT_SIZE = 1000
+# The speed recipe's convnet (BatchNorm) on 8192 images for 2 epochs with a moving average reads
+# about 97-98% of TRAINED_SPLIT (measured on this machine); well below that means a broken run.
+ACCURACY_FLOOR = 0.95
+
+
+def trained_config():
+    """The configs/fast.py convnet (BatchNorm) shrunk to a run of seconds, keeping a moving average."""
+    from configs import fast
+
+    c = fast.get_config()
+    c.dataset.limit_train = 8192
+    c.dataset.validation_size = 1000
+    c.dataset.test_split = TRAINED_SPLIT
+    c.num_epochs = 2
+    c.batch_size = 128
+    c.eval_batch_size = 256
+    c.ema_decay = 0.99
+    c.log_every_steps = 16
+    c.progress = False
+    c.report_plots = False
+    c.checkpoint.async_save = False
+    return c
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> str:
+    """The workdir of a small BatchNorm convnet trained once per session on real MNIST with a moving
+    average of its weights (read only: copy it before writing to it)."""
+    skip_or_fail_without_mnist()
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    report = train.train_and_evaluate(trained_config(), workdir)
+    assert report["num_examples"] == TRAINED_SPLIT_SIZE, report
+    assert report["accuracy"] >= ACCURACY_FLOOR, report
+    return workdir
+
+
+@pytest.fixture
+def trained_workdir(tmp_path, trained_run) -> str:
+    """A copy of the trained run that a test may write to (reports, edits)."""
+    return shutil.copytree(trained_run, str(tmp_path / "trained"))
+
+
+def averaged_weights(workdir: str) -> tuple[dict, int]:
+    """The best checkpoint's moving average (params and BatchNorm statistics) and step, read straight
+    from its Orbax files, not through hwrjax's loaders."""
+    import orbax.checkpoint as ocp
+
+    best = os.path.join(os.path.abspath(workdir), "best")
+    step = max(int(s) for s in os.listdir(best) if s.isdigit())
+    with warnings.catch_warnings():  # "sharding info not provided": these are plain host arrays
+        warnings.simplefilter("ignore", UserWarning)
+        tree = ocp.PyTreeCheckpointer().restore(os.path.join(best, str(step), "model"))
+    assert set(tree["ema"]) == {"params", "batch_stats"} and tree["ema"]["batch_stats"], "no averaged BatchNorm"
+    return jax.tree.map(np.asarray, tree["ema"]), step
+
+
+def oracle_logits(workdir: str, images_uint8: np.ndarray) -> np.ndarray:
+    """Float64 logits of uint8 images [N, 28, 28(, 1)]: the run's model applied directly to pixels / 255
+    with the averaged weights and statistics (the independent reference for inference tests)."""
+    import ml_collections
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = models.create_model(config.model, num_classes=10, dtype="float32")
+    variables, _ = averaged_weights(workdir)
+    x = np.asarray(images_uint8, np.float32).reshape(-1, 28, 28, 1) / 255.0
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return np.concatenate([np.asarray(apply(variables, x[i:i + 500]), np.float64) for i in range(0, len(x), 500)])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def mnist_test_slice() -> tuple[np.ndarray, np.ndarray]:
+    """TRAINED_SPLIT's uint8 images [N, 28, 28, 1] and int labels, read by tfds directly."""
+    skip_or_fail_without_mnist()
+    import tensorflow_datasets as tfds
+
+    data = tfds.as_numpy(tfds.load("mnist", split=TRAINED_SPLIT, batch_size=-1, data_dir=mnist_data_dir(),
+                                   download=False))
+    return np.asarray(data["image"], np.uint8), np.asarray(data["label"], np.int64)
+
+
+# ---------------------------------------------------------------- what was skipped, and why
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Lists every skipped test with its reason, so a partial run says what it left out."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons: dict[str, list[str]] = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons.setdefault(reason.removeprefix("Skipped: "), []).append(report.nodeid)
+    terminalreporter.section(f"{len(skipped)} tests skipped: this run is not the whole suite")
+    for reason, ids in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        files = sorted({i.split("::")[0] for i in ids})
+        terminalreporter.write_line(f"{len(ids):4d}  {reason}  ({', '.join(files)})")

@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import optax
 import pytest
 from PIL import Image
 
 import conftest
-from hwrjax import data, evaluate, metrics, train
+from hwrjax import checkpoint, data, evaluate, metrics, train
 from hwrjax.errors import CheckpointError, DataError
 
 SPLIT = "test[:200]"
@@ -46,10 +47,7 @@ def _png(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Untrained runs a and b (seeds 0, 1), one on fashion_mnist, one without checkpoint."""
-    if not conftest.mnist_available():
-        if os.environ.get("CI"):
-            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
+    conftest.skip_or_fail_without_mnist()
     root = tmp_path_factory.mktemp("runs")
     config = conftest.small_resnet_config()
     config.dataset.test_split = SPLIT  # `--split=test` means this
@@ -273,3 +271,68 @@ def test_report_stems_are_distinct():
                                                        ("test", 1, 0, 500), ("train[:10%]",)]}
     assert len(stems) == 9 and evaluate.report_stem("test", 1, 1) == "test"
     assert evaluate.report_stem("test", 3, 8) == "test_ensemble3_tta8"
+
+
+# ---------------------------------------------------------------- a trained run against an independent oracle
+
+
+def _oracle(workdir: str, images: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy, loss and confusion matrix from the run's model applied directly to pixels / 255 with
+    the averaged weights and statistics read from the checkpoint files (tests/conftest.py)."""
+    probs = conftest.softmax(conftest.oracle_logits(workdir, images))
+    preds = probs.argmax(-1)
+    top2 = np.sort(probs, -1)[:, -2:]
+    confusion = np.zeros((10, 10), np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    log_probs = np.log(probs)
+    return {"probs": probs, "accuracy": float(np.mean(preds == labels)), "confusion": confusion,
+            "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
+            "mean_log_prob": float(np.mean(log_probs)),  # over all classes: the label smoothing term
+            # Examples whose top two classes are too close to call at float32 rounding.
+            "near_ties": int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))}
+
+
+def _check_against_oracle(report: dict, oracle: dict, label_smoothing: float = 0.0) -> None:
+    n = conftest.TRAINED_SPLIT_SIZE
+    assert report["num_examples"] == n
+    assert abs(report["accuracy"] - oracle["accuracy"]) <= oracle["near_ties"] / n, (report["accuracy"], oracle)
+    # Cross-entropy against labels smoothed as optax does: (1 - a) * one_hot + a / classes.
+    loss = (1 - label_smoothing) * oracle["loss"] - label_smoothing * oracle["mean_log_prob"]
+    assert report["loss"] == pytest.approx(loss, rel=1e-4)
+    assert report["accuracy"] >= conftest.ACCURACY_FLOOR
+
+
+def test_evaluate_of_a_trained_run_matches_an_independent_oracle(trained_workdir, mnist_test_slice):
+    images, labels = mnist_test_slice
+    oracle = _oracle(trained_workdir, images, labels)
+    # The report written at the end of training (the best checkpoint's average) agrees too; its
+    # loss is the training loss (label-smoothed), evaluate's the plain cross-entropy.
+    with open(os.path.join(trained_workdir, "report", "test_metrics.json")) as f:
+        _check_against_oracle(json.load(f), oracle, conftest.trained_config().loss.label_smoothing)
+
+    rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={trained_workdir}", "--no_tensorboard")
+    assert rc == 0, err
+    with open(os.path.join(trained_workdir, "report", "test_metrics.json")) as f:
+        report = json.load(f)
+    assert report["split"] == conftest.TRAINED_SPLIT
+    _check_against_oracle(report, oracle)
+    confusion = np.asarray(report["confusion_matrix"])
+    assert np.abs(confusion - oracle["confusion"]).sum() <= 2 * oracle["near_ties"], confusion
+    assert [c["support"] for c in report["per_class"]] == np.bincount(labels, minlength=10).tolist()
+    # The Python API gives the oracle's probabilities, whatever the batch size (here not dividing N).
+    for batch_size in (1000, 384):
+        probs = evaluate.predict_probs(trained_workdir, images, batch_size=batch_size)
+        np.testing.assert_allclose(probs, oracle["probs"], atol=1e-5)
+
+
+def test_evaluate_reads_the_moving_average_not_the_raw_weights(trained_workdir, mnist_test_slice):
+    images, labels = mnist_test_slice
+    raw, _ = checkpoint.load_variables(trained_workdir, "best", average=False)
+    loaded = evaluate.load_model(trained_workdir)
+    # The run's raw weights and its average really differ, so reading the wrong ones shows.
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(jax.tree.leaves(raw),
+                                                                 jax.tree.leaves(loaded.variables)))
+    averaged, step = conftest.averaged_weights(trained_workdir)
+    assert loaded.step == step
+    for got, want in zip(jax.tree.leaves(loaded.variables), jax.tree.leaves(averaged)):
+        np.testing.assert_array_equal(np.asarray(got), want)

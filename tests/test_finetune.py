@@ -1,9 +1,10 @@
 """Tests for hwrjax.finetune: learning a user's style without forgetting MNIST, and clean refusals.
 
-The end-to-end test trains a small MLP on real MNIST in-process (a few seconds), writes a
-folder of photos of MNIST validation digits turned 90 degrees (a "style" the base model
-reads at about chance), fine-tunes, and checks that the held-out photos go from chance to
-mostly right while MNIST test accuracy stays within a few points.
+The end-to-end test starts from the session's trained run (tests/conftest.py: a BatchNorm
+convnet with a moving average), writes a folder of photos of MNIST validation digits turned
+90 degrees (a "style" the base model reads at about chance), fine-tunes, and checks that the
+base is read as trained (its averaged weights and statistics), that the held-out photos go
+from chance to mostly right, and that MNIST test accuracy stays within a few points.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import mlp as mlp_config
-from conftest import make_workdir, mnist_available
+import conftest
+from conftest import make_workdir
 from hwrjax import checkpoint, data, evaluate, finetune, synth, train
 from hwrjax.errors import HwrjaxError
 
@@ -35,18 +36,9 @@ def write_photos(folder, digits: np.ndarray, labels: np.ndarray, per_class: int,
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A small MLP trained on real MNIST (test[:500]) and the splits it was trained with."""
-    if not mnist_available():  # As the require_mnist fixture, at module scope.
-        if os.environ.get("CI"):
-            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
-    config = mlp_config.get_config("smoke")
-    config.dataset.test_split = "test[:500]"
-    config.progress = False
-    workdir = str(tmp_path_factory.mktemp("finetune") / "base")
-    train.train_and_evaluate(config, workdir)
-    return workdir, data.load_splits(config)
+def base_run(trained_run):
+    """The session's trained run and the splits it was trained with."""
+    return trained_run, data.load_splits(checkpoint.load_config(trained_run))
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +82,25 @@ def test_finetune_learns_the_style_and_keeps_mnist(tuned):
     assert before["holdout"]["accuracy"] <= 0.35, before  # the base model cannot read turned digits
     assert after["holdout"]["accuracy"] >= before["holdout"]["accuracy"] + 0.35, (before, after)
     assert after["train_samples"]["accuracy"] >= 0.8
-    assert after["mnist_test"]["num_examples"] == 500
+    assert after["mnist_test"]["num_examples"] == conftest.TRAINED_SPLIT_SIZE
     assert abs(after["mnist_test"]["accuracy"] - before["mnist_test"]["accuracy"]) <= 0.04, (before, after)
     # The table shows the same figures.
     assert "your held-out samples" in out and f"{after['holdout']['accuracy']:.2%}" in out
-    assert "MNIST test[:500]" in out
+    assert f"MNIST {conftest.TRAINED_SPLIT}" in out
+
+
+def test_finetune_starts_from_the_averaged_base(tuned, base_run, mnist_test_slice):
+    """Before any step, MNIST test accuracy is the base run's: its averaged weights and statistics,
+    as an independent oracle reads them from the checkpoint files."""
+    code, _, err, workdir = tuned
+    assert code == 0, err
+    with open(os.path.join(workdir, "report", "finetune.json")) as f:
+        before = json.load(f)["before"]["mnist_test"]
+    images, labels = mnist_test_slice
+    oracle = np.mean(conftest.oracle_logits(base_run[0], images).argmax(-1) == labels)
+    assert before["num_examples"] == len(labels)
+    assert before["accuracy"] == pytest.approx(oracle, abs=2 / len(labels))
+    assert before["accuracy"] >= conftest.ACCURACY_FLOOR
 
 
 def test_unusable_files_are_reported_and_skipped(tuned, samples_dir):
@@ -121,7 +127,7 @@ def test_output_is_a_normal_workdir(tuned, base_run):
     assert model.calibration is not None and model.calibration["fitted_on"] == "validation"
     assert model.temperature == model.calibration["temperature"]
     with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
-        assert json.load(f)["num_examples"] == 500
+        assert json.load(f)["num_examples"] == conftest.TRAINED_SPLIT_SIZE
     # The Recognizer reads the fine-tuned weights: same argmax as the model on MNIST-form input.
     _, splits = base_run
     digits = splits.test.images[:4]
