@@ -48,7 +48,7 @@ def main(mode: str, steps: int) -> None:
             losses_out.append(float(m["loss"][0]))
             if len(losses_out) == EARLY_STEPS:
                 early = jax.tree.map(lambda x: np.asarray(x[0]), (state.batch_stats, state.ema, state.params))
-        spread = max(float(np.max(np.abs(np.asarray(x) - np.asarray(x)[0:1]))) for x in jax.tree.leaves(state.batch_stats))
+        copies = [np.asarray(x) for x in jax.tree.leaves(state.batch_stats)]  # [devices, ...] each
     else:
         mesh = parallel.make_mesh()
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -60,7 +60,11 @@ def main(mode: str, steps: int) -> None:
             losses_out.append(float(m["loss"]))
             if len(losses_out) == EARLY_STEPS:
                 early = jax.tree.map(np.asarray, (state.batch_stats, state.ema, state.params))
-        spread = 0.0
+        # The replicated statistics as every device holds them.
+        copies = [np.stack([np.asarray(s.data) for s in x.addressable_shards]) for x in jax.tree.leaves(state.batch_stats)]
+    # How far any device's copy of the BatchNorm statistics is from device 0's.
+    spread = max(float(np.max(np.abs(c - c[0:1]))) for c in copies)
+    assert all(len(c) == jax.device_count() for c in copies)
     flat = lambda tree: {"/".join(str(k.key) for k in path): v.tolist()
                          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     print(json.dumps({"devices": jax.device_count(), "losses": losses_out, "early_batch_stats": flat(early[0]),

@@ -80,11 +80,25 @@ def test_workdir_that_cannot_be_written(tmp_path):
     assert "cannot be written" in line
 
 
-def test_missing_dataset_without_network_names_tfds_data_dir(tmp_path):
-    # This machine has no network: the download is refused at once with the fix.
+def test_missing_dataset_names_tfds_data_dir(tmp_path):
+    # Downloads turned off: the same answer with or without network.
     env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "empty"))
-    line = _error_line(_launch(str(tmp_path / "run"), env=env))
+    line = _error_line(_launch(str(tmp_path / "run"), "--config.dataset.download=False", env=env))
     assert "TFDS_DATA_DIR" in line and "not prepared" in line
+
+
+def test_missing_dataset_without_network_is_refused_before_a_download(tmp_path, monkeypatch):
+    from configs import mlp
+    from hwrjax import data
+    from hwrjax.errors import DataError
+
+    # Whatever this machine's network, the offline case is made offline here.
+    monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
+    c = mlp.get_config("smoke")
+    c.dataset.data_dir = str(tmp_path / "empty")
+    with pytest.raises(DataError, match="no network to download it; set TFDS_DATA_DIR"):
+        data.ensure_prepared(c)
+    assert not os.path.exists(tmp_path / "empty" / "mnist")
 
 
 def test_compilation_cache_folder_that_cannot_be_used_does_not_stop_the_run(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 resume, and match the one-process run."""
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -15,18 +16,30 @@ import pytest
 from hwrjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Without space-to-depth or the weight average this smoke run's best validation checkpoint is an
-# earlier step than its last, so the final report must place a checkpoint other than the live state
-# (asserted below).
+# Without space-to-depth or the weight average this smoke run's best validation checkpoint is
+# usually an earlier step than its last, so the final report places a checkpoint other than the
+# live state on the devices of both processes.
 OVERRIDES = ["--config.num_epochs=2", "--config.dataset.limit_train=1024", "--config.dataset.test_split=test[:256]",
              "--config.checkpoint.every_steps=8", "--config.report_plots=False", "--config.model.space_to_depth=False",
              "--config.ema_decay=0.0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _reserved_port() -> int:
+    """A localhost port for the coordinator that no other program is handed meanwhile.
+
+    Bound, connected to and closed here, the port sits in TIME_WAIT for a minute: the kernel
+    then gives it to no other bind(0) or outgoing connection, while a server that sets
+    SO_REUSEADDR (gRPC, which runs jax.distributed's coordinator, does) can still listen on it.
+    """
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            accepted.close()  # this side closes first, so the TIME_WAIT is on the port
+    return port
 
 
 def _launch(workdir: str, env: dict, *extra: str) -> subprocess.Popen:
@@ -36,7 +49,7 @@ def _launch(workdir: str, env: dict, *extra: str) -> subprocess.Popen:
 
 
 def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = _reserved_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     return [_launch(workdir, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -67,7 +80,20 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
     ckpt_dir = os.path.join(two, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-    assert os.listdir(os.path.join(two, "best")) == ["16"] and steps[-1] == 32  # the report used step 16
+    assert steps[-1] == 32
+    # Whichever epoch validated best is the best checkpoint, and the report is that checkpoint's.
+    rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
+    val = [(r["val_accuracy"], -r["step"]) for r in rows if "val_accuracy" in r]
+    assert len(val) == 2
+    best_step = -max(val)[1]  # the first step reaching the highest accuracy
+    assert os.listdir(os.path.join(two, "best")) == [str(best_step)]
+    with open(os.path.join(two, "report", "test_metrics.json")) as f:
+        report = json.load(f)
+    assert report["checkpoint_step"] == best_step and report["num_examples"] == 256
+    with open(os.path.join(one, "report", "test_metrics.json")) as f:
+        one_report = json.load(f)
+    assert one_report["checkpoint_step"] == best_step
+    assert report["accuracy"] == pytest.approx(one_report["accuracy"], abs=1 / 256)
     _, two_leaves = _digest(two)
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):
@@ -83,7 +109,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
 
 
 def test_processes_that_disagree_on_the_config_stop_before_training(tmp_path):
-    port = _free_port()
+    port = _reserved_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     workdir = str(tmp_path / "run")

@@ -64,7 +64,7 @@ def test_batchnorm_statistics_are_those_of_the_global_batch(runs, mode):
     assert set(one) == set(eight) and any("var" in k for k in one)
     for key in one:
         np.testing.assert_allclose(np.array(eight[key]), np.array(one[key]), rtol=2e-5, atol=1e-6, err_msg=key)
-    # Every pmap replica holds the same statistics.
+    # Every device holds the same statistics (pmap replicas and the replicated jit arrays alike).
     assert runs[(mode, 8)]["device_spread"] == 0.0
 
 

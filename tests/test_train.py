@@ -93,6 +93,10 @@ def test_epoch_order_is_a_keyed_permutation():
     assert not np.array_equal(a, np.asarray(train.epoch_order(keys.order, 1, 1000)))
     other = hwrjax.RunKeys.from_seed(4)
     assert not np.array_equal(a, np.asarray(train.epoch_order(other.order, 0, 1000)))
+    # Epoch e's order is the permutation keyed by fold_in(order key, e) (DESIGN.md, promise 2).
+    for epoch in (0, 1, 7):
+        want = jax.random.permutation(jax.random.fold_in(keys.order, epoch), 1000)
+        np.testing.assert_array_equal(np.asarray(train.epoch_order(keys.order, epoch, 1000)), np.asarray(want))
 
 
 def _param_digest(workdir):

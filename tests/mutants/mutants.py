@@ -1,0 +1,196 @@
+"""Hand-planted realistic bugs, and which tests catch each (a mutation check of the suite).
+
+Each mutant replaces one exact piece of the library's source with a buggy version, in a copy of
+the project in a temporary folder, and runs the tests chosen for it there; the mutant is caught
+when they fail. The copy's tests can come from another git revision, to compare the suite before
+and after a change:
+
+  python tests/mutants/mutants.py                          # every mutant against the current tests
+  python tests/mutants/mutants.py --tests-rev=454001f      # the same mutants against older tests
+  python tests/mutants/mutants.py --only=eval_raw_pixels,loader_raw_weights_reset_bn
+
+Needs TFDS_DATA_DIR (the tests that catch most of these train on MNIST). A mutant whose
+source text is no longer found (the code moved on) is reported as "stale", not as caught.
+Prints a Markdown table; nothing is written outside the temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str  # the bug, as a user would meet it
+    path: str  # file under the project root
+    old: str  # exact source text, found once
+    new: str
+    tests: tuple[str, ...]  # pytest ids (files or nodes) that should catch it
+
+
+LOADER_TESTS = ("tests/test_evaluate.py", "tests/test_export.py", "tests/test_recognize.py", "tests/test_reading.py")
+
+MUTANTS = [
+    Mutant("eval_raw_pixels", "hwrjax evaluate feeds 0-255 pixels to the model instead of [0, 1]",
+           "hwrjax/evaluate.py", "x = images.astype(jnp.float32) / 255.0", "x = images.astype(jnp.float32)",
+           ("tests/test_evaluate.py",)),
+    Mutant("loader_raw_weights_reset_bn",
+           "every inference loader uses the raw weights, not the moving average, with BatchNorm statistics "
+           "reset to their initial values", "hwrjax/checkpoint.py",
+           '''    if average and model.get("ema"):
+        model = model["ema"]''',
+           '''    if average and model.get("ema"):
+        model = dict(model, batch_stats=jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.numpy.ones_like(x) if "var" in jax.tree_util.keystr(p) else jax.numpy.zeros_like(x),
+            model["batch_stats"]))''',
+           LOADER_TESTS),
+    Mutant("loader_raw_weights", "inference loaders ignore the moving average (raw weights, their own statistics)",
+           "hwrjax/checkpoint.py", '''    if average and model.get("ema"):
+        model = model["ema"]''', '''    if average and model.get("ema"):
+        pass''', LOADER_TESTS),
+    Mutant("epoch_order_key_off_by_one", "epoch e is shuffled with the key of epoch e + 1",
+           "hwrjax/train.py", "return _permutation(jax.random.fold_in(order_key, epoch), num_train)",
+           "return _permutation(jax.random.fold_in(order_key, epoch + 1), num_train)",
+           ("tests/test_train.py", "tests/test_resume.py")),
+    Mutant("epoch_boundary_off_by_one", "the last batch of each epoch is taken from the next epoch's order",
+           "hwrjax/train.py", "        epoch = step // self._steps_per_epoch\n",
+           "        epoch = (step + 1) // self._steps_per_epoch\n", ("tests/test_train.py",)),
+    Mutant("eval_drops_last_batch", "validation and test drop the last, partial eval batch",
+           "hwrjax/train.py", "self.num_batches = max(1, math.ceil(n / batch_size))",
+           "self.num_batches = max(1, n // batch_size)", ("tests/test_train.py", "tests/test_evaluate.py")),
+    Mutant("eval_ignores_mask", "the padding of the last eval batch is counted in the loss",
+           "hwrjax/train.py", '"loss_sum": jnp.sum(loss_fn(logits, batch["label"]) * mask),',
+           '"loss_sum": jnp.sum(loss_fn(logits, batch["label"])) * jnp.max(mask),', ("tests/test_train.py",)),
+    Mutant("predict_drops_last_batch", "hwrjax evaluate's predictions skip a last partial batch (ends early)",
+           "hwrjax/evaluate.py", "    for start in range(0, n, batch):",
+           "    for start in range(0, max(batch, n - batch + 1), batch):", ("tests/test_evaluate.py",)),
+    Mutant("polarity_inverted", "preprocessing decides the ink polarity the wrong way round",
+           "hwrjax/preprocess.py", "    return lighter > darker\n", "    return lighter < darker\n",
+           ("tests/test_preprocess.py", "tests/test_reading.py")),
+    Mutant("resume_oldest_checkpoint", "resume restores the oldest kept checkpoint instead of the newest",
+           "hwrjax/checkpoint.py", "steps = sorted(self.latest.all_steps(), reverse=True)",
+           "steps = sorted(self.latest.all_steps())", ("tests/test_resume.py",)),
+    Mutant("resume_drops_average", "resume restores the weights but restarts the moving average from them",
+           "hwrjax/checkpoint.py", '''                ema = model.get("ema")
+                if "ema" not in model:''', '''                ema = model.get("ema")
+                if True:''', ("tests/test_resume.py",)),
+    Mutant("resume_wrong_step", "resume puts the restored weights at the step after their checkpoint",
+           "hwrjax/checkpoint.py", 'state = target_state.replace(step=restored["opt"]["step"],',
+           'state = target_state.replace(step=restored["opt"]["step"] + 1,', ("tests/test_resume.py",)),
+    Mutant("pmap_local_batchnorm", "--config.parallel=pmap keeps BatchNorm statistics per device",
+           "hwrjax/train.py", "bn_axis_name=PMAP_AXIS if use_pmap else None)",
+           "bn_axis_name=None)", ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",)),
+    Mutant("pmap_epoch_order", "--config.parallel=pmap takes each epoch's order one epoch late",
+           "hwrjax/train.py", "            epoch = step_ // steps_per_epoch\n",
+           "            epoch = max(0, step_ - 1) // steps_per_epoch\n",
+           ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",)),
+    Mutant("report_uses_last_not_best", "the final test report scores the last weights, not the best checkpoint",
+           "hwrjax/train.py", "if val_set is None or meta[\"best_step\"] < 0 or meta[\"best_step\"] == step:",
+           "if True:", ("tests/test_multiprocess.py", "tests/test_ema.py")),
+    Mutant("validation_inside_train", "the validation carve-out is also trained on",
+           "hwrjax/data.py", "train_end = min(num_train - val, limit) if limit > 0 else num_train - val",
+           "train_end = min(num_train, limit) if limit > 0 else num_train", ("tests/test_data.py",)),
+    Mutant("export_raw_weights", "export writes the raw weights instead of the moving average",
+           "hwrjax/evaluate.py", "    variables, step = checkpoint_lib.load_variables(workdir, which)\n",
+           "    variables, step = checkpoint_lib.load_variables(workdir, which, average=False)\n",
+           ("tests/test_export.py",)),
+    Mutant("recognizer_float_rescaled", "the Recognizer divides 0..1 float arrays by 255 again",
+           "hwrjax/recognize.py", "    return a / 255.0 if hi > 1.0 else a", "    return a / 255.0",
+           ("tests/test_recognize.py", "tests/test_reading.py")),
+]
+
+
+def _copy_project(dest: str, tests_rev: str | None) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache")
+    shutil.copytree(ROOT, dest, ignore=ignore)
+    if tests_rev:
+        shutil.rmtree(os.path.join(dest, "tests"))
+        archive = subprocess.run(["git", "-C", ROOT, "archive", tests_rev, "tests"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+
+
+def _apply(dest: str, mutant: Mutant) -> bool:
+    path = os.path.join(dest, mutant.path)
+    with open(path) as f:
+        source = f.read()
+    if source.count(mutant.old) != 1:
+        return False
+    with open(path, "w") as f:
+        f.write(source.replace(mutant.old, mutant.new))
+    return True
+
+
+def run(mutant: Mutant, tests_rev: str | None, env: dict, timeout: int) -> tuple[str, str, float]:
+    """Returns (outcome, first failing test or note, seconds)."""
+    with tempfile.TemporaryDirectory(prefix=f"hwrjax-mutant-{mutant.name}-") as tmp:
+        dest = os.path.join(tmp, "project")
+        _copy_project(dest, tests_rev)
+        if not _apply(dest, mutant):
+            return "stale", f"source text not found once in {mutant.path}", 0.0
+        tests = [t for t in mutant.tests if os.path.exists(os.path.join(dest, t.split("::")[0]))]
+        if not tests:
+            return "no tests", "none of its tests exist at this revision", 0.0
+        start = time.time()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+                                   *tests], cwd=dest, env=dict(env, PYTHONPATH=dest), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", f"over {timeout} s", time.time() - start
+        seconds = time.time() - start
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+        if proc.returncode == 0:
+            return "NOT caught", "", seconds
+        if proc.returncode == 1 or failed:
+            return "caught", failed[0] if failed else "", seconds
+        return f"error (exit {proc.returncode})", proc.stdout.strip().splitlines()[-1][:120], seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests-rev", default=None, help="take tests/ from this git revision (default: as is)")
+    parser.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    if args.list or not chosen:
+        for m in MUTANTS:
+            print(f"{m.name:30s} {m.what}")
+        return 0 if chosen else 2
+    if not os.environ.get("TFDS_DATA_DIR"):
+        print("set TFDS_DATA_DIR to a tfds data dir holding mnist: most catching tests train on it", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="hwrjax-mutants-cache-") as cache:
+        # One compilation and dataset cache for all mutants' runs (removed at the end).
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(cache, "jax"),
+                   HWRJAX_DATA_CACHE_DIR=os.path.join(cache, "data"))
+        rows = []
+        for m in chosen:
+            outcome, detail, seconds = run(m, args.tests_rev, env, args.timeout)
+            rows.append((m, outcome, detail, seconds))
+            print(f"{m.name}: {outcome} {detail} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    rev = args.tests_rev or "working tree"
+    print(f"| mutant | bug | tests ({rev}) | outcome | first failing test |")
+    print("|---|---|---|---|---|")
+    for m, outcome, detail, _ in rows:
+        print(f"| {m.name} | {m.what} | {', '.join(t.replace('tests/', '') for t in m.tests)} | {outcome} | {detail} |")
+    caught = sum(outcome == "caught" for _, outcome, _, _ in rows)
+    print(f"\n{caught} of {len(rows)} caught.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
