@@ -66,7 +66,7 @@ def tuned(base_run, samples_dir, tmp_path_factory):
     capture.setattr(sys, "stderr", stderr)
     try:
         code = finetune.finetune_main([f"--workdir={base}", f"--samples={samples_dir}", f"--output-workdir={out}",
-                                       "--epochs=40", "--learning-rate=1e-3", "--holdout=0.2"])
+                                       "--epochs=40", "--learning-rate=0.01", "--holdout=0.2"])
     finally:
         capture.undo()
     return code, stdout.getvalue(), stderr.getvalue(), out
@@ -119,7 +119,7 @@ def test_output_is_a_normal_workdir(tuned, base_run):
         config = json.load(f)
     ft = config["finetune"]
     assert ft["base_workdir"] == os.path.abspath(base_run[0]) and ft["mix"] == 0.5 and ft["holdout"] == 0.2
-    assert config["optimizer"]["learning_rate"] == 1e-3 and config["num_epochs"] == 40
+    assert config["optimizer"]["learning_rate"] == 0.01 and config["num_epochs"] == 40
     variables, step = checkpoint.load_variables(workdir)
     assert step == ft["steps"] and checkpoint.load_variables(workdir, "latest")[1] == step
     model = evaluate.load_model(workdir)
