@@ -106,6 +106,10 @@ TRAINED_SPLIT_SIZE = 1000
 ACCURACY_FLOOR = 0.95
 
 
+# Test hook: a workdir trained with trained_config() to use instead of training one (tests/mutants).
+TRAINED_RUN_ENV = "HWRJAX_TEST_TRAINED_RUN"
+
+
 def trained_config():
     """The configs/fast.py convnet (BatchNorm) shrunk to a run of seconds, keeping a moving average."""
     from configs import fast
@@ -131,9 +135,18 @@ def trained_run(tmp_path_factory) -> str:
     average of its weights (read only: copy it before writing to it)."""
     skip_or_fail_without_mnist()
     workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    report = train.train_and_evaluate(trained_config(), workdir)
+    if os.environ.get(TRAINED_RUN_ENV):
+        # Test hook: the mutation check (tests/mutants) trains once for every mutant that cannot
+        # change training, and hands the run in; a copy is used, so it is never written to.
+        shutil.copytree(os.environ[TRAINED_RUN_ENV], workdir)
+        with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
+            report = json.load(f)
+    else:
+        report = train.train_and_evaluate(trained_config(), workdir)
     assert report["num_examples"] == TRAINED_SPLIT_SIZE, report
     assert report["accuracy"] >= ACCURACY_FLOOR, report
+    # Label smoothing keeps the raw probabilities below ~0.9: the run is calibrated to sharpen them.
+    assert oracle_temperature(workdir) < 1.0
     return workdir
 
 
@@ -174,6 +187,20 @@ def oracle_logits(workdir: str, images_uint8: np.ndarray) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)
+
+
+def oracle_temperature(workdir: str) -> float:
+    """The calibration temperature stored for the best checkpoint, read straight from
+    WORKDIR/calibration.json (the run's readings divide their logits by it before the softmax)."""
+    _, step = averaged_weights(workdir)
+    with open(os.path.join(workdir, "calibration.json")) as f:
+        return float(json.load(f)["checkpoints"][str(step)]["temperature"])
+
+
+def oracle_probs(workdir: str, images_uint8: np.ndarray, calibrated: bool = True) -> np.ndarray:
+    """Float64 probabilities of `oracle_logits`: at the run's stored temperature, or at T = 1."""
+    logits = oracle_logits(workdir, images_uint8)
+    return softmax(logits / oracle_temperature(workdir) if calibrated else logits)
 
 
 @pytest.fixture(scope="session")

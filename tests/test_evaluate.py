@@ -277,52 +277,63 @@ def test_report_stems_are_distinct():
 
 
 def _oracle(workdir: str, images: np.ndarray, labels: np.ndarray) -> dict:
-    """Accuracy, loss and confusion matrix from the run's model applied directly to pixels / 255 with
-    the averaged weights and statistics read from the checkpoint files (tests/conftest.py)."""
-    probs = conftest.softmax(conftest.oracle_logits(workdir, images))
+    """Accuracy, losses and confusion matrix from the run's model applied directly to pixels / 255 with
+    the averaged weights and statistics read from the checkpoint files (tests/conftest.py), at T = 1
+    and at the run's stored calibration temperature."""
+    logits = conftest.oracle_logits(workdir, images)
+    probs = conftest.softmax(logits)
+    calibrated = conftest.softmax(logits / conftest.oracle_temperature(workdir))
     preds = probs.argmax(-1)
     top2 = np.sort(probs, -1)[:, -2:]
     confusion = np.zeros((10, 10), np.int64)
     np.add.at(confusion, (labels, preds), 1)
-    log_probs = np.log(probs)
-    return {"probs": probs, "accuracy": float(np.mean(preds == labels)), "confusion": confusion,
-            "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
-            "mean_log_prob": float(np.mean(log_probs)),  # over all classes: the label smoothing term
+    rows = np.arange(len(labels))
+    return {"probs": probs, "calibrated_probs": calibrated, "accuracy": float(np.mean(preds == labels)),
+            "confusion": confusion, "loss": float(-np.mean(np.log(probs[rows, labels]))),
+            "calibrated_loss": float(-np.mean(np.log(calibrated[rows, labels]))),
+            "mean_log_prob": float(np.mean(np.log(probs))),  # over all classes: the label smoothing term
             # Examples whose top two classes are too close to call at float32 rounding.
             "near_ties": int(np.sum(top2[:, 1] - top2[:, 0] < 1e-4))}
 
 
-def _check_against_oracle(report: dict, oracle: dict, label_smoothing: float = 0.0) -> None:
+def _check_accuracy(report: dict, oracle: dict) -> None:
     n = conftest.TRAINED_SPLIT_SIZE
     assert report["num_examples"] == n
     assert abs(report["accuracy"] - oracle["accuracy"]) <= oracle["near_ties"] / n, (report["accuracy"], oracle)
-    # Cross-entropy against labels smoothed as optax does: (1 - a) * one_hot + a / classes.
-    loss = (1 - label_smoothing) * oracle["loss"] - label_smoothing * oracle["mean_log_prob"]
-    assert report["loss"] == pytest.approx(loss, rel=1e-4)
     assert report["accuracy"] >= conftest.ACCURACY_FLOOR
 
 
 def test_evaluate_of_a_trained_run_matches_an_independent_oracle(trained_workdir, mnist_test_slice):
     images, labels = mnist_test_slice
     oracle = _oracle(trained_workdir, images, labels)
-    # The report written at the end of training (the best checkpoint's average) agrees too; its
-    # loss is the training loss (label-smoothed), evaluate's the plain cross-entropy.
+    # The report written at the end of training (the best checkpoint's average): its loss is the
+    # training loss, cross-entropy against labels smoothed as optax does ((1 - a) * one_hot + a / classes).
     with open(os.path.join(trained_workdir, "report", "test_metrics.json")) as f:
-        _check_against_oracle(json.load(f), oracle, conftest.trained_config().loss.label_smoothing)
+        report = json.load(f)
+    _check_accuracy(report, oracle)
+    a = conftest.trained_config().loss.label_smoothing
+    assert report["loss"] == pytest.approx((1 - a) * oracle["loss"] - a * oracle["mean_log_prob"], rel=1e-4)
 
     rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={trained_workdir}", "--no_tensorboard")
     assert rc == 0, err
     with open(os.path.join(trained_workdir, "report", "test_metrics.json")) as f:
         report = json.load(f)
     assert report["split"] == conftest.TRAINED_SPLIT
-    _check_against_oracle(report, oracle)
+    _check_accuracy(report, oracle)
+    # evaluate's loss is the plain cross-entropy of the calibrated probabilities, and it lists the
+    # uncalibrated one beside it.
+    assert report["loss"] == pytest.approx(oracle["calibrated_loss"], rel=1e-4)
+    assert report["calibration"]["uncalibrated_loss"] == pytest.approx(oracle["loss"], rel=1e-4)
+    assert report["calibration"]["temperatures"] == [pytest.approx(conftest.oracle_temperature(trained_workdir))]
     confusion = np.asarray(report["confusion_matrix"])
     assert np.abs(confusion - oracle["confusion"]).sum() <= 2 * oracle["near_ties"], confusion
     assert [c["support"] for c in report["per_class"]] == np.bincount(labels, minlength=10).tolist()
     # The Python API gives the oracle's probabilities, whatever the batch size (here not dividing N).
     for batch_size in (1000, 384):
         probs = evaluate.predict_probs(trained_workdir, images, batch_size=batch_size)
-        np.testing.assert_allclose(probs, oracle["probs"], atol=1e-5)
+        np.testing.assert_allclose(probs, oracle["calibrated_probs"], atol=1e-5)
+    np.testing.assert_allclose(evaluate.predict_probs(trained_workdir, images, calibrated=False), oracle["probs"],
+                               atol=1e-5)
 
 
 def test_evaluate_reads_the_moving_average_not_the_raw_weights(trained_workdir, mnist_test_slice):

@@ -44,7 +44,7 @@ def clear_digits(trained_run, mnist_test_slice):
     """NUM_IMAGES MNIST test digits (float32 [N, 28, 28, 1] in [0, 1]) with their labels, each read
     correctly by the reference with a top-two gap of at least MARGIN."""
     images, labels = mnist_test_slice
-    probs = conftest.softmax(conftest.oracle_logits(trained_run, images[:200]))
+    probs = conftest.oracle_probs(trained_run, images[:200])
     top2 = np.sort(probs, -1)[:, -2:]
     ok = np.flatnonzero((top2[:, 1] - top2[:, 0] > MARGIN) & (probs.argmax(-1) == labels[:200]))[:NUM_IMAGES]
     assert len(ok) == NUM_IMAGES and len(set(labels[ok].tolist())) == 10
@@ -58,8 +58,8 @@ def images(clear_digits):
 
 def jax_probs(workdir: str, images: np.ndarray) -> np.ndarray:
     """The reference: the run's model applied in JAX to the averaged weights read straight from the
-    checkpoint files (not through hwrjax's loader), softmax."""
-    return conftest.softmax(conftest.oracle_logits(workdir, np.round(images * 255.0))).astype(np.float32)
+    checkpoint files (not through hwrjax's loader), softmax at the run's stored temperature."""
+    return conftest.oracle_probs(workdir, np.round(images * 255.0)).astype(np.float32)
 
 
 def check_same(got: np.ndarray, want: np.ndarray, atol: float) -> None:

@@ -34,7 +34,7 @@ def digits(trained_run, mnist_test_slice) -> tuple[np.ndarray, np.ndarray, np.nd
     """PER_CLASS MNIST test digits of each class (uint8 [N, 28, 28]) that the oracle reads correctly
     with a top-two probability gap above 0.5, their labels, and the oracle's probabilities."""
     images, labels = mnist_test_slice
-    probs = conftest.softmax(conftest.oracle_logits(trained_run, images))
+    probs = conftest.oracle_probs(trained_run, images)  # calibrated, as the readings are
     top2 = np.sort(probs, -1)[:, -2:]
     sure = (probs.argmax(-1) == labels) & (top2[:, 1] - top2[:, 0] > 0.5)
     chosen = np.concatenate([np.flatnonzero(sure & (labels == c))[:PER_CLASS] for c in range(10)])

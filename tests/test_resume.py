@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smoke ResNet long enough (3 epochs x 32 steps) to be interrupted twice part way through.
 EPOCHS = 3
 TOTAL_STEPS = EPOCHS * 32
-# Tolerances of pmap against jit after 96 steps (measured: see the test).
-PMAP_RTOL, PMAP_ATOL = 1e-3, 1e-4
+# How far pmap's parameters may drift from jit's after 96 steps, relative to each array's norm
+# (worst array, median array; measured: see the test).
+PMAP_MAX_DRIFT, PMAP_MEDIAN_DRIFT = 0.05, 0.005
 # It keeps a moving average of the weights, which must resume bit for bit too.
 OVERRIDES = [f"--config.num_epochs={EPOCHS}", "--config.checkpoint.every_steps=12", "--config.log_every_steps=4",
              "--config.dataset.test_split=test[:500]", "--config.report_plots=False", "--config.ema_decay=0.9"]
@@ -173,13 +174,16 @@ def test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit(tmp_pat
     _run(workdir, 8, "--config.parallel=pmap")
     pmap_dir, pmap_digest = reference(8, "pmap")
     assert _digest(workdir) == pmap_digest
-    # The same run under jit agrees to float32 rounding, compounded over 96 steps.
+    # The same run under jit agrees to float32 rounding compounded over 96 steps: measured here, the
+    # worst parameter array differs by 1.2% of its norm (as much as 1 device against 8 under jit),
+    # the median by 0.1%, and the test loss by 2e-5 of itself.
     jit_dir, _ = reference(8, "jit")
     for average in (False, True):
         got = checkpoint.load_variables(pmap_dir, "latest", average=average)[0]
         want = checkpoint.load_variables(jit_dir, "latest", average=average)[0]
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=PMAP_RTOL, atol=PMAP_ATOL)
+        drift = [np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+        assert max(drift) < PMAP_MAX_DRIFT and np.median(drift) < PMAP_MEDIAN_DRIFT, drift
     reports = [json.load(open(os.path.join(d, "report", "test_metrics.json"))) for d in (pmap_dir, jit_dir)]
     assert reports[0]["num_examples"] == reports[1]["num_examples"] == 500
     assert reports[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-3)

@@ -2,11 +2,11 @@
 
 Each mutant replaces one exact piece of the library's source with a buggy version, in a copy of
 the project in a temporary folder, and runs the tests chosen for it there; the mutant is caught
-when they fail. The copy's tests can come from another git revision, to compare the suite before
-and after a change:
+when they fail. The copy can be of an older git revision (code and tests), to compare the
+suite before and after a change:
 
-  python tests/mutants/mutants.py                          # every mutant against the current tests
-  python tests/mutants/mutants.py --tests-rev=454001f      # the same mutants against older tests
+  python tests/mutants/mutants.py                    # every mutant, in the working tree
+  python tests/mutants/mutants.py --rev=454001f      # the same bugs planted in an older revision
   python tests/mutants/mutants.py --only=eval_raw_pixels,loader_raw_weights_reset_bn
 
 Needs TFDS_DATA_DIR (the tests that catch most of these train on MNIST). A mutant whose
@@ -27,6 +27,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAINED_RUN_ENV = "HWRJAX_TEST_TRAINED_RUN"  # tests/conftest.py's hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +38,24 @@ class Mutant:
     old: str  # exact source text, found once
     new: str
     tests: tuple[str, ...]  # pytest ids (files or nodes) that should catch it
+    older: tuple[tuple[str, str], ...] = ()  # (old, new) of the same bug in older versions of the code
+
+    @property
+    def changes_training(self) -> bool:
+        """Whether the session's trained run (tests/conftest.py) could come out different."""
+        return self.path in ("hwrjax/train.py", "hwrjax/data.py", "hwrjax/models.py")
 
 
+PMAP_TESTS = ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",
+              "tests/test_parallel.py")
 LOADER_TESTS = ("tests/test_evaluate.py", "tests/test_export.py", "tests/test_recognize.py", "tests/test_reading.py")
 
 MUTANTS = [
     Mutant("eval_raw_pixels", "hwrjax evaluate feeds 0-255 pixels to the model instead of [0, 1]",
-           "hwrjax/evaluate.py", "x = images.astype(jnp.float32) / 255.0", "x = images.astype(jnp.float32)",
-           ("tests/test_evaluate.py",)),
+           "hwrjax/evaluate.py", "        return images.astype(jnp.float32) / 255.0\n",
+           "        return images.astype(jnp.float32)\n",
+           ("tests/test_evaluate.py",),
+           older=(("x = images.astype(jnp.float32) / 255.0", "x = images.astype(jnp.float32)"),)),
     Mutant("loader_raw_weights_reset_bn",
            "every inference loader uses the raw weights, not the moving average, with BatchNorm statistics "
            "reset to their initial values", "hwrjax/checkpoint.py",
@@ -72,9 +83,9 @@ MUTANTS = [
     Mutant("eval_ignores_mask", "the padding of the last eval batch is counted in the loss",
            "hwrjax/train.py", '"loss_sum": jnp.sum(loss_fn(logits, batch["label"]) * mask),',
            '"loss_sum": jnp.sum(loss_fn(logits, batch["label"])) * jnp.max(mask),', ("tests/test_train.py",)),
-    Mutant("predict_drops_last_batch", "hwrjax evaluate's predictions skip a last partial batch (ends early)",
+    Mutant("predict_drops_last_batch", "hwrjax evaluate's predictions skip a last partial batch",
            "hwrjax/evaluate.py", "    for start in range(0, n, batch):",
-           "    for start in range(0, max(batch, n - batch + 1), batch):", ("tests/test_evaluate.py",)),
+           "    for start in range(0, n - batch + 1, batch):", ("tests/test_evaluate.py",)),
     Mutant("polarity_inverted", "preprocessing decides the ink polarity the wrong way round",
            "hwrjax/preprocess.py", "    return lighter > darker\n", "    return lighter < darker\n",
            ("tests/test_preprocess.py", "tests/test_reading.py")),
@@ -90,11 +101,10 @@ MUTANTS = [
            'state = target_state.replace(step=restored["opt"]["step"] + 1,', ("tests/test_resume.py",)),
     Mutant("pmap_local_batchnorm", "--config.parallel=pmap keeps BatchNorm statistics per device",
            "hwrjax/train.py", "bn_axis_name=PMAP_AXIS if use_pmap else None)",
-           "bn_axis_name=None)", ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",)),
+           "bn_axis_name=None)", PMAP_TESTS),
     Mutant("pmap_epoch_order", "--config.parallel=pmap takes each epoch's order one epoch late",
            "hwrjax/train.py", "            epoch = step_ // steps_per_epoch\n",
-           "            epoch = max(0, step_ - 1) // steps_per_epoch\n",
-           ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",)),
+           "            epoch = max(0, step_ - 1) // steps_per_epoch\n", PMAP_TESTS),
     Mutant("report_uses_last_not_best", "the final test report scores the last weights, not the best checkpoint",
            "hwrjax/train.py", "if val_set is None or meta[\"best_step\"] < 0 or meta[\"best_step\"] == step:",
            "if True:", ("tests/test_multiprocess.py", "tests/test_ema.py")),
@@ -111,35 +121,56 @@ MUTANTS = [
 ]
 
 
-def _copy_project(dest: str, tests_rev: str | None) -> None:
+def _copy_project(dest: str, rev: str | None) -> None:
+    """The working tree (rev None) or the project at git revision `rev`, copied to `dest`."""
+    if rev:
+        os.makedirs(dest)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        return
     ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache")
     shutil.copytree(ROOT, dest, ignore=ignore)
-    if tests_rev:
-        shutil.rmtree(os.path.join(dest, "tests"))
-        archive = subprocess.run(["git", "-C", ROOT, "archive", tests_rev, "tests"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
 
 
 def _apply(dest: str, mutant: Mutant) -> bool:
+    """Plants the mutant (its first form whose source text is found exactly once)."""
     path = os.path.join(dest, mutant.path)
     with open(path) as f:
         source = f.read()
-    if source.count(mutant.old) != 1:
-        return False
-    with open(path, "w") as f:
-        f.write(source.replace(mutant.old, mutant.new))
-    return True
+    for old, new in [(mutant.old, mutant.new), *mutant.older]:
+        if source.count(old) == 1:
+            with open(path, "w") as f:
+                f.write(source.replace(old, new))
+            return True
+    return False
 
 
-def run(mutant: Mutant, tests_rev: str | None, env: dict, timeout: int) -> tuple[str, str, float]:
+def train_once(folder: str, env: dict) -> str:
+    """Trains the tests' shared run (conftest.trained_config) with the unmutated code; returns its workdir."""
+    dest = os.path.join(folder, "project")
+    _copy_project(dest, None)
+    workdir = os.path.join(folder, "trained")
+    code = ("import sys; sys.path.insert(0, 'tests'); import conftest; from hwrjax import train; "
+            f"train.train_and_evaluate(conftest.trained_config(), {workdir!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=dest, env=dict(env, PYTHONPATH=dest), check=True,
+                   capture_output=True)
+    shutil.rmtree(dest)
+    return workdir
+
+
+def run(mutant: Mutant, rev: str | None, env: dict, timeout: int) -> tuple[str, str, float]:
     """Returns (outcome, first failing test or note, seconds)."""
     with tempfile.TemporaryDirectory(prefix=f"hwrjax-mutant-{mutant.name}-") as tmp:
         dest = os.path.join(tmp, "project")
-        _copy_project(dest, tests_rev)
+        _copy_project(dest, rev)
         if not _apply(dest, mutant):
             return "stale", f"source text not found once in {mutant.path}", 0.0
         tests = [t for t in mutant.tests if os.path.exists(os.path.join(dest, t.split("::")[0]))]
+        if tests:  # drop test ids this revision does not have
+            listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                                     *tests], cwd=dest, env=dict(env, PYTHONPATH=dest), capture_output=True,
+                                    text=True)
+            tests = [t for t in tests if "::" not in t or t in listed.stdout]
         if not tests:
             return "no tests", "none of its tests exist at this revision", 0.0
         start = time.time()
@@ -160,7 +191,8 @@ def run(mutant: Mutant, tests_rev: str | None, env: dict, timeout: int) -> tuple
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tests-rev", default=None, help="take tests/ from this git revision (default: as is)")
+    parser.add_argument("--rev", default=None,
+                        help="mutate the project at this git revision, tests included (default: the working tree)")
     parser.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -177,12 +209,16 @@ def main() -> int:
         # One compilation and dataset cache for all mutants' runs (removed at the end).
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(cache, "jax"),
                    HWRJAX_DATA_CACHE_DIR=os.path.join(cache, "data"))
+        env.pop(TRAINED_RUN_ENV, None)
+        # Mutants that cannot change training share one trained run instead of each training it.
+        trained = train_once(cache, env) if not args.rev and any(not m.changes_training for m in chosen) else None
         rows = []
         for m in chosen:
-            outcome, detail, seconds = run(m, args.tests_rev, env, args.timeout)
+            mutant_env = dict(env, **{TRAINED_RUN_ENV: trained}) if trained and not m.changes_training else env
+            outcome, detail, seconds = run(m, args.rev, mutant_env, args.timeout)
             rows.append((m, outcome, detail, seconds))
             print(f"{m.name}: {outcome} {detail} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-    rev = args.tests_rev or "working tree"
+    rev = args.rev or "working tree"
     print(f"| mutant | bug | tests ({rev}) | outcome | first failing test |")
     print("|---|---|---|---|---|")
     for m, outcome, detail, _ in rows:
