@@ -50,6 +50,26 @@ PMAP_TESTS = ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise
               "tests/test_parallel.py")
 LOADER_TESTS = ("tests/test_evaluate.py", "tests/test_export.py", "tests/test_recognize.py", "tests/test_reading.py")
 
+
+
+def _loader_forms(replacement: str) -> tuple[tuple[str, str], ...]:
+    """The loader's "use the moving average" lines replaced, at the indents they have had."""
+    forms = []
+    for indent in ("        ", "    "):
+        old = f'{indent}if average and model.get("ema"):\n{indent}    model = model["ema"]\n'
+        new = "".join(indent + line + "\n" for line in replacement.splitlines())
+        forms.append((old, new))
+    return tuple(forms)
+
+
+# Initial BatchNorm statistics: means 0, variances 1.
+LOADER_RESET_BN = _loader_forms('''if average and model.get("ema"):
+    model = dict(model, batch_stats=jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.numpy.ones_like(x) if "var" in jax.tree_util.keystr(p) else jax.numpy.zeros_like(x),
+        model["batch_stats"]))''')
+LOADER_RAW = _loader_forms('''if average and model.get("ema"):
+    pass''')
+
 MUTANTS = [
     Mutant("eval_raw_pixels", "hwrjax evaluate feeds 0-255 pixels to the model instead of [0, 1]",
            "hwrjax/evaluate.py", "        return images.astype(jnp.float32) / 255.0\n",
@@ -59,17 +79,9 @@ MUTANTS = [
     Mutant("loader_raw_weights_reset_bn",
            "every inference loader uses the raw weights, not the moving average, with BatchNorm statistics "
            "reset to their initial values", "hwrjax/checkpoint.py",
-           '''    if average and model.get("ema"):
-        model = model["ema"]''',
-           '''    if average and model.get("ema"):
-        model = dict(model, batch_stats=jax.tree_util.tree_map_with_path(
-            lambda p, x: jax.numpy.ones_like(x) if "var" in jax.tree_util.keystr(p) else jax.numpy.zeros_like(x),
-            model["batch_stats"]))''',
-           LOADER_TESTS),
+           *LOADER_RESET_BN[0], LOADER_TESTS, older=LOADER_RESET_BN[1:]),
     Mutant("loader_raw_weights", "inference loaders ignore the moving average (raw weights, their own statistics)",
-           "hwrjax/checkpoint.py", '''    if average and model.get("ema"):
-        model = model["ema"]''', '''    if average and model.get("ema"):
-        pass''', LOADER_TESTS),
+           "hwrjax/checkpoint.py", *LOADER_RAW[0], LOADER_TESTS, older=LOADER_RAW[1:]),
     Mutant("epoch_order_key_off_by_one", "epoch e is shuffled with the key of epoch e + 1",
            "hwrjax/train.py", "return _permutation(jax.random.fold_in(order_key, epoch), num_train)",
            "return _permutation(jax.random.fold_in(order_key, epoch + 1), num_train)",
