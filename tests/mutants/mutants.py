@@ -48,7 +48,7 @@ class Mutant:
 
 PMAP_TESTS = ("tests/test_resume.py::test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit",
               "tests/test_parallel.py")
-LOADER_TESTS = ("tests/test_evaluate.py", "tests/test_export.py", "tests/test_recognize.py", "tests/test_reading.py")
+LOADER_TESTS = ("tests/test_reading.py", "tests/test_evaluate.py", "tests/test_export.py", "tests/test_recognize.py")
 
 
 
