@@ -19,7 +19,7 @@ from PIL import Image
 
 import conftest
 from conftest import make_workdir
-from hwrjax import checkpoint, data, evaluate, finetune, synth, train
+from hwrjax import checkpoint, data, evaluate, finetune, synth
 from hwrjax.errors import HwrjaxError
 
 PER_CLASS = 15

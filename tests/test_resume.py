@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import conftest
-from configs import resnet as resnet_config
 from hwrjax import checkpoint, train
 from hwrjax.errors import ConfigError
 
