@@ -442,7 +442,10 @@ def check_workdir(workdir: str) -> None:
 # Config fields added after runs were made, with the value that behaves as runs without the field
 # did: a saved config lacking one of them is the same run as a current config holding that value.
 ADDED_FIELDS = {"model.space_to_depth": False, "model.pool_before_norm": False, "model.crop_border": 0,
-                "ema_decay": 0.0, "batch_stats_examples": 0}
+                "ema_decay": 0.0, "batch_stats_examples": 0,
+                "augment.stroke_thicken_px": 0.0, "augment.stroke_thin_px": 0.0, "augment.aspect": 0.0,
+                "augment.stretch_prob": 0.0, "augment.resolution_prob": 0.0, "augment.resolution_min_px": 8.0,
+                "augment.resolution_max_px": 16.0, "augment.binarize_prob": 0.0, "augment.quantize_prob": 0.0}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -3,6 +3,7 @@
 import hashlib
 import importlib
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 import hwrjax
+from configs import default
 from configs import mlp as mlp_config
 from configs import resnet as resnet_config
 from hwrjax import augment, checkpoint, data, losses, models, parallel, rng, train
@@ -223,6 +225,14 @@ def _edited(config: dict, dotted: str, *value) -> dict:
     else:
         del node[name]
     return out
+
+
+def test_a_run_saved_by_an_earlier_version_still_resumes():
+    """Every field added to configs/default.py since a saved snapshot (commit 454001f) is registered in
+    train.ADDED_FIELDS with the value that behaves as before: a run made then resumes unrefused."""
+    with open(os.path.join(os.path.dirname(__file__), "data", "default_config_454001f.json")) as f:
+        saved = json.load(f)
+    assert train.config_differences(saved, json.loads(default.get_config().to_json())) == []
 
 
 def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
