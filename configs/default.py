@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     #            space_to_depth, pool_before_norm (Conv-Pool-BN-Act instead of Conv-BN-Act-Pool), crop_border
     #   resnet:  stage_sizes, stage_widths, stem_width, block (basic|preact), activation, pooling,
     #            dropout_rate, space_to_depth, crop_border
-    # activation: relu | leaky_relu | elu | gelu;  pooling: max | avg
+    # activation: relu | leaky_relu (slope 0.01) | prelu (a learned negative slope per channel, from 0.25;
+    #             not weight-decayed) | elu | gelu;  pooling: max | avg
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet"
     c.model.stage_sizes = (2, 2, 2)  # residual blocks per stage; stages after the first halve the size
@@ -41,8 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.crop_border = 0  # pixels cut from each image edge before the first layer (convnet, resnet)
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "cross_entropy"  # cross_entropy | mse | hinge | huber
-    c.loss.label_smoothing = 0.0  # cross_entropy only
+    # cross_entropy (softmax) | bce (binary cross-entropy: one sigmoid per class against the one-hot
+    # target, summed over classes; its sigmoids are normalized to sum to 1 when read as probabilities)
+    # | mse | hinge | huber (the last three are read through a softmax)
+    c.loss.name = "cross_entropy"
+    c.loss.label_smoothing = 0.0  # cross_entropy and bce only
     c.loss.hinge_margin = 1.0  # hinge only
     c.loss.huber_delta = 1.0  # huber only
 

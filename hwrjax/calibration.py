@@ -6,7 +6,8 @@ scaling divides the logits by one scalar T, fitted to minimise the negative log-
 of the run's validation split, before the softmax: argmax and accuracy are unchanged, only
 the stated confidence moves (T < 1 sharpens, T > 1 softens).
 
-* `probabilities(logits, temperature)`: the probabilities every reading reports (jax).
+* `probabilities(logits, temperature, loss)`: the probabilities every reading reports (jax):
+  `hwrjax.losses.probabilities` of logits / T (a softmax, or for bce normalized sigmoids).
 * `fit_temperature(logits, labels)`: the T of least validation NLL (bounded 1-D search on
   log T, deterministic).
 * `WORKDIR/calibration.json` holds one fitted temperature per checkpoint step
@@ -16,6 +17,7 @@ the stated confidence moves (T < 1 sharpens, T > 1 softens).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hwrjax import losses
 from hwrjax.errors import CheckpointError, HwrjaxError
 from hwrjax.logs import write_json_atomic
 
@@ -39,23 +42,26 @@ _LOG_T_TOLERANCE = 1e-5
 UNCALIBRATED = 1.0
 
 
-def probabilities(logits: jax.Array, temperature: jax.Array | float = UNCALIBRATED) -> jax.Array:
-    """Class probabilities [..., C] (float32) of logits at `temperature`: softmax(logits / T)."""
-    return jax.nn.softmax(_scaled(logits, temperature), axis=-1)
+def probabilities(logits: jax.Array, temperature: jax.Array | float = UNCALIBRATED,
+                  loss: str = "cross_entropy") -> jax.Array:
+    """Class probabilities [..., C] (float32) of logits at `temperature` of a model trained with `loss`:
+    softmax(logits / T), or for bce sigmoid(logits / T) normalized to sum to 1."""
+    return losses.probabilities(_scaled(logits, temperature), loss)
 
 
-def log_probabilities(logits: jax.Array, temperature: jax.Array | float = UNCALIBRATED) -> jax.Array:
-    """Log of `probabilities(logits, temperature)`, computed stably."""
-    return jax.nn.log_softmax(_scaled(logits, temperature), axis=-1)
+def log_probabilities(logits: jax.Array, temperature: jax.Array | float = UNCALIBRATED,
+                      loss: str = "cross_entropy") -> jax.Array:
+    """Log of `probabilities(logits, temperature, loss)`, computed stably."""
+    return losses.log_probabilities(_scaled(logits, temperature), loss)
 
 
 def _scaled(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
     return jnp.asarray(logits).astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
 
 
-@jax.jit
-def _mean_nll(logits: jax.Array, labels: jax.Array, log_t: jax.Array) -> jax.Array:
-    logp = log_probabilities(logits, jnp.exp(log_t))
+@functools.partial(jax.jit, static_argnames=("loss",))
+def _mean_nll(logits: jax.Array, labels: jax.Array, log_t: jax.Array, loss: str) -> jax.Array:
+    logp = log_probabilities(logits, jnp.exp(log_t), loss)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
@@ -74,13 +80,13 @@ def _check_logits(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     return z, y.astype(np.int32)
 
 
-def mean_nll(logits: Any, labels: Any, temperature: float = UNCALIBRATED) -> float:
-    """Mean negative log-likelihood of `labels` under `probabilities(logits, temperature)`."""
+def mean_nll(logits: Any, labels: Any, temperature: float = UNCALIBRATED, loss: str = "cross_entropy") -> float:
+    """Mean negative log-likelihood of `labels` under `probabilities(logits, temperature, loss)`."""
     z, y = _check_logits(logits, labels)
-    return float(_mean_nll(jnp.asarray(z), jnp.asarray(y), jnp.float32(math.log(temperature))))
+    return float(_mean_nll(jnp.asarray(z), jnp.asarray(y), jnp.float32(math.log(temperature)), loss))
 
 
-def fit_temperature(logits: Any, labels: Any) -> float:
+def fit_temperature(logits: Any, labels: Any, loss: str = "cross_entropy") -> float:
     """The temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE] minimising the mean NLL of `labels`.
 
     A bounded scalar search (Brent's method) on log T; the same inputs give the same T.
@@ -89,7 +95,7 @@ def fit_temperature(logits: Any, labels: Any) -> float:
 
     z, y = _check_logits(logits, labels)
     z, y = jnp.asarray(z), jnp.asarray(y)
-    objective = lambda log_t: float(_mean_nll(z, y, jnp.float32(log_t)))
+    objective = lambda log_t: float(_mean_nll(z, y, jnp.float32(log_t), loss))
     result = optimize.minimize_scalar(objective, bounds=(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)),
                                       method="bounded", options={"xatol": _LOG_T_TOLERANCE})
     return float(math.exp(float(result.x)))

@@ -1,7 +1,9 @@
 """Evaluation people can read: predictions, TTA, ensembles, reports, plots and run comparisons.
 
-* `predict_probs(model, images)`: softmax probabilities of a trained run (a workdir, a
-  `LoadedModel` or a TrainState), jit-compiled once for fixed-size padded batches.
+* `predict_probs(model, images)`: class probabilities of a trained run (a workdir, a
+  `LoadedModel` or a TrainState), jit-compiled once for fixed-size padded batches; read from
+  the logits as its loss says (`hwrjax.losses.probabilities`: softmax, or normalized sigmoids
+  for bce).
 * Test-time augmentation with K views: view 0 is the image itself, views 1..K-1 apply one
   fixed mild affine transform each (`TTA_AUGMENT`, keyed by `fold_in(key(TTA_SEED), view)`)
   to every image alike, so an image's prediction never depends on its batch or position.
@@ -35,6 +37,7 @@ from hwrjax import augment as augment_lib
 from hwrjax import calibration as calibration_lib
 from hwrjax import checkpoint as checkpoint_lib
 from hwrjax import labelled as labelled_lib
+from hwrjax import losses as losses_lib
 from hwrjax import metrics as metrics_lib
 from hwrjax import models as models_lib
 from hwrjax import runlock
@@ -65,8 +68,10 @@ TENSORBOARD_DIR = "tensorboard"
 class LoadedModel:
     """A trained classifier ready for inference: `apply_fn(variables, images01, train=False) -> logits`.
 
-    `temperature` divides the logits before the softmax of calibrated predictions (see
-    hwrjax.calibration); `calibration` is the stored record it came from (None: T = 1, not fitted).
+    `loss` is the config.loss.name it was trained with, which says how its logits are read as
+    probabilities (`hwrjax.losses.probabilities`: a softmax, or normalized sigmoids for bce);
+    `temperature` divides the logits first for calibrated predictions (see hwrjax.calibration);
+    `calibration` is the stored record it came from (None: T = 1, not fitted).
     """
 
     apply_fn: Callable[..., Any]
@@ -77,6 +82,7 @@ class LoadedModel:
     step: int | None = None
     temperature: float = calibration_lib.UNCALIBRATED
     calibration: dict | None = None
+    loss: str = "cross_entropy"
 
 
 # Equal Linen modules share one instance, so their bound `apply` compares equal and the
@@ -145,12 +151,16 @@ def load_model(workdir: str, which: str | int = "best") -> LoadedModel:
     return LoadedModel(apply_fn=module.apply,
                        variables=_inference_variables(variables["params"], variables.get("batch_stats")),
                        num_classes=num_classes, workdir=workdir, config=config, step=int(step),
-                       temperature=temperature, calibration=record)
+                       temperature=temperature, calibration=record, loss=str(config.loss.name))
 
 
-def as_loaded_model(model: str | LoadedModel | Any) -> LoadedModel:
+def as_loaded_model(model: str | LoadedModel | Any, loss: str = "cross_entropy") -> LoadedModel:
     """A LoadedModel from a workdir (best checkpoint), a LoadedModel, or a TrainState-like object
-    (its moving average of the weights when it keeps one, as a checkpoint of it would give)."""
+    (its moving average of the weights when it keeps one, as a checkpoint of it would give).
+
+    `loss` is the config.loss.name a TrainState was trained with (a workdir's and a LoadedModel's
+    own are used for them).
+    """
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -161,7 +171,8 @@ def as_loaded_model(model: str | LoadedModel | Any) -> LoadedModel:
                                else (model.params, getattr(model, "batch_stats", None)))
         variables = _inference_variables(params, batch_stats)
         out = jax.eval_shape(lambda v: model.apply_fn(v, jnp.zeros((1,) + IMAGE_SHAPE), train=False), variables)
-        return LoadedModel(apply_fn=model.apply_fn, variables=variables, num_classes=int(out.shape[-1]))
+        losses_lib.probabilities(jnp.zeros((1, 1)), loss)  # an unknown loss fails here, before any work
+        return LoadedModel(apply_fn=model.apply_fn, variables=variables, num_classes=int(out.shape[-1]), loss=loss)
     raise TypeError(f"expected a workdir, a LoadedModel or a TrainState, got {type(model).__name__}")
 
 
@@ -177,9 +188,9 @@ def _batch_logits(apply_fn: Callable, variables: dict, images: jnp.ndarray) -> j
     return apply_fn(variables, _as_unit_float(images), train=False).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "augment"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "augment", "loss"))
 def _batch_probs(apply_fn: Callable, variables: dict, images: jnp.ndarray, num_views: jnp.ndarray,
-                 augment: augment_lib.AugmentParams | None, temperature: jnp.ndarray) -> jnp.ndarray:
+                 augment: augment_lib.AugmentParams | None, temperature: jnp.ndarray, loss: str) -> jnp.ndarray:
     """Mean probabilities, at T = 1 and at `temperature` ([2, B, C]), over view 0 (identity) and
     views 1..num_views-1 (one fixed transform each).
 
@@ -190,7 +201,7 @@ def _batch_probs(apply_fn: Callable, variables: dict, images: jnp.ndarray, num_v
 
     def probs(view_images):
         logits = apply_fn(variables, view_images, train=False)
-        return calibration_lib.probabilities(logits[None], temperatures[:, None, None])
+        return calibration_lib.probabilities(logits[None], temperatures[:, None, None], loss)
 
     if augment is None:
         return probs(x)
@@ -238,13 +249,14 @@ def _padded_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]
 
 
 def predict_both(model: str | LoadedModel | Any, images: np.ndarray, batch_size: int = 1000,
-                 tta: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 tta: int = 0, loss: str = "cross_entropy") -> tuple[np.ndarray, np.ndarray]:
     """(uncalibrated, calibrated) probabilities [N, C] (float32) from one pass over the images.
 
     Images are uint8 [N, 28, 28(, 1)] in [0, 255] or float32 in [0, 1]; K-view TTA if tta > 1
-    (each view calibrated, then averaged). Calibrated means at the model's `temperature`.
+    (each view calibrated, then averaged). Calibrated means at the model's `temperature`. `loss` is
+    the config.loss.name a TrainState was trained with (see `as_loaded_model`).
     """
-    loaded = as_loaded_model(model)
+    loaded = as_loaded_model(model, loss)
     images = _check_images(images)
     batch_size = _check_count(batch_size, "batch_size", 1)
     num_views = max(1, _check_count(tta, "tta", 0))
@@ -255,17 +267,19 @@ def predict_both(model: str | LoadedModel | Any, images: np.ndarray, batch_size:
     variables = jax.device_put(loaded.variables)
     views = jnp.asarray(num_views, jnp.int32)
     temperature = jnp.asarray(loaded.temperature, jnp.float32)
-    out = [_batch_probs(loaded.apply_fn, variables, chunk, views, TTA_AUGMENT if num_views > 1 else None, temperature)
+    out = [_batch_probs(loaded.apply_fn, variables, chunk, views, TTA_AUGMENT if num_views > 1 else None, temperature,
+                        loaded.loss)
            for chunk in _padded_batches(images, batch_size)]
     both = np.concatenate([np.asarray(p) for p in out], axis=1)[:, :n]
     return both[0], both[1]
 
 
 def predict_probs(model: str | LoadedModel | Any, images: np.ndarray, batch_size: int = 1000,
-                  tta: int = 0, calibrated: bool = True) -> np.ndarray:
+                  tta: int = 0, calibrated: bool = True, loss: str = "cross_entropy") -> np.ndarray:
     """Probabilities [N, C] (float32) of images [N, 28, 28(, 1)] (uint8, or float32 in [0, 1]), with
-    K-view TTA if tta > 1; at the model's fitted temperature unless `calibrated` is False."""
-    raw, scaled = predict_both(model, images, batch_size=batch_size, tta=tta)
+    K-view TTA if tta > 1; at the model's fitted temperature unless `calibrated` is False. `loss` is
+    the config.loss.name a TrainState was trained with (see `as_loaded_model`)."""
+    raw, scaled = predict_both(model, images, batch_size=batch_size, tta=tta, loss=loss)
     return scaled if calibrated else raw
 
 
@@ -327,13 +341,14 @@ def fit_calibration(model: str | LoadedModel | Any, images: np.ndarray, labels: 
                     split: str = "validation") -> dict:
     """Fits the temperature of `model` on a held-out split; returns the record stored with the run:
     temperature, the split, and NLL and ECE before and after."""
-    labels = np.asarray(labels)
+    model = as_loaded_model(model)
+    labels, loss = np.asarray(labels), model.loss
     logits = predict_logits(model, images, batch_size=batch_size)
-    temperature = calibration_lib.fit_temperature(logits, labels)
-    before = metrics_lib.classification_report(labels, np.asarray(calibration_lib.probabilities(logits)),
+    temperature = calibration_lib.fit_temperature(logits, labels, loss)
+    before = metrics_lib.classification_report(labels, np.asarray(calibration_lib.probabilities(logits, loss=loss)),
                                                num_mistakes=0)
     after = metrics_lib.classification_report(
-        labels, np.asarray(calibration_lib.probabilities(logits, temperature)), num_mistakes=0)
+        labels, np.asarray(calibration_lib.probabilities(logits, temperature, loss)), num_mistakes=0)
     return {"temperature": temperature, "fitted_on": split, "num_examples": int(len(labels)),
             "accuracy": after["accuracy"], "nll_before": before["loss"], "nll_after": after["loss"],
             "ece_before": before["ece"], "ece_after": after["ece"], "num_ece_bins": after["num_ece_bins"]}
@@ -562,6 +577,8 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
         tta_augment=dataclasses.asdict(TTA_AUGMENT) if tta > 1 else None,
         ensemble_size=len(models),
         calibration=_calibration_summary(models, labels, raw, probs),
+        # How each member's logits were read (distinct descriptions, members in order).
+        probabilities="; ".join(dict.fromkeys(losses_lib.describe_probabilities(m.loss) for m in models)),
     )
     if folder is not None:
         for mistake in report["most_confident_mistakes"]:
@@ -812,7 +829,8 @@ def evaluate_main(argv: list[str]) -> int:
         what = f"ensemble of {len(workdirs)}" if len(workdirs) > 1 else primary
         tta = f", TTA {args.tta} views" if args.tta > 1 else ""
         lines = [f"{report['dataset']} {report['split']}: {what} (checkpoint {args.checkpoint}, steps "
-                 f"{report['checkpoint_steps']}{tta})", metrics_lib.format_report(report), "",
+                 f"{report['checkpoint_steps']}{tta}; probabilities: {report['probabilities']})",
+                 metrics_lib.format_report(report), "",
                  format_calibration(report, workdirs)]
         if "unreadable" in report:
             lines += ["", f"{report['num_examples']} of {report['files_listed']} image files read; "

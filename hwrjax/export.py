@@ -35,6 +35,7 @@ import numpy as np
 
 from hwrjax import calibration as calibration_lib
 from hwrjax import evaluate as evaluate_lib
+from hwrjax import losses as losses_lib
 from hwrjax.errors import CheckpointError, HwrjaxError
 
 __all__ = ["FORMATS", "PLATFORMS", "ExportError", "check_images", "export_main", "export_model", "export_savedmodel",
@@ -61,17 +62,19 @@ class ExportError(HwrjaxError):
 # The function that is exported
 
 
-def inference_function(model: Any) -> Callable[[jnp.ndarray], jnp.ndarray]:
+def inference_function(model: Any, loss: str = "cross_entropy") -> Callable[[jnp.ndarray], jnp.ndarray]:
     """images float32 [B,28,28,1] in [0,1] -> probabilities float32 [B,C], params closed over as constants.
 
-    `model` is a workdir (best checkpoint), a `hwrjax.evaluate.LoadedModel` or a TrainState. The
-    probabilities are calibrated with the model's fitted temperature (a constant of the artifact).
+    `model` is a workdir (best checkpoint), a `hwrjax.evaluate.LoadedModel` or a TrainState (trained
+    with config.loss.name `loss`). The probabilities are read from the logits as the model's loss
+    says (`hwrjax.losses.probabilities`) and calibrated with its fitted temperature (a constant of
+    the artifact).
     """
-    loaded = evaluate_lib.as_loaded_model(model)
-    apply_fn, variables, temperature = loaded.apply_fn, loaded.variables, loaded.temperature
+    loaded = evaluate_lib.as_loaded_model(model, loss)
+    apply_fn, variables, temperature, loss = loaded.apply_fn, loaded.variables, loaded.temperature, loaded.loss
 
     def probabilities(images: jnp.ndarray) -> jnp.ndarray:
-        return calibration_lib.probabilities(apply_fn(variables, images, train=False), temperature)
+        return calibration_lib.probabilities(apply_fn(variables, images, train=False), temperature, loss)
 
     return probabilities
 
@@ -363,8 +366,8 @@ def _export_to(output: str, directory: bool, write: Callable[[str], float]) -> t
 
 
 def export_model(model: Any, format: str, output: str, batch_size: int | None = None,
-                 platforms: Sequence[str] = PLATFORMS) -> tuple[str, float]:
-    """Exports `model` (workdir, LoadedModel or TrainState) as `format` to the new `output`.
+                 platforms: Sequence[str] = PLATFORMS, loss: str = "cross_entropy") -> tuple[str, float]:
+    """Exports `model` (workdir, LoadedModel or TrainState trained with `loss`) as `format` to the new `output`.
 
     Returns (absolute output path, max |probability difference| from JAX on a check batch;
     NaN when the artifact cannot run on this machine's backend).
@@ -374,7 +377,7 @@ def export_model(model: Any, format: str, output: str, batch_size: int | None = 
     _check_batch_size(batch_size)
     platforms = _check_platforms(platforms)
     _check_output(output)
-    fn = inference_function(model)
+    fn = inference_function(model, loss)
     if format == "stablehlo":
         return _export_to(output, False, lambda tmp: write_stablehlo(fn, tmp, batch_size, platforms))
     if format == "savedmodel":
@@ -441,7 +444,8 @@ def export_main(argv: list[str]) -> int:
         check = "not run here" if diff != diff else f"max |diff| {diff:.1e}"
         sys.stdout.write(
             f"wrote {args.format} to {path} ({size / 1024:.0f} KiB, checkpoint step {model.step}, for {where})\n"
-            f"  images float32[{batch},28,28,1] in [0,1] -> probabilities float32[{batch},{model.num_classes}]; "
+            f"  images float32[{batch},28,28,1] in [0,1] -> probabilities float32[{batch},{model.num_classes}] "
+            f"({losses_lib.describe_probabilities(model.loss)}); "
             f"checked against JAX: {check}\n")
         return 0
 

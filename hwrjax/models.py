@@ -16,9 +16,27 @@ import jax.numpy as jnp
 from hwrjax import layers
 from hwrjax.errors import ConfigError
 
+class PReLU(nn.Module):
+    """max(x, 0) + slope * min(x, 0) with a learned slope per channel (last axis), He et al. 2015."""
+
+    slope_init: float = 0.25
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        slope = self.param("negative_slope", nn.initializers.constant(self.slope_init), (x.shape[-1],),
+                           jnp.float32)
+        return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
+def prelu(x: jnp.ndarray) -> jnp.ndarray:
+    """A new PReLU layer applied to x; call it inside a module's compact method (it owns the slopes)."""
+    return PReLU()(x)
+
+
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     "relu": nn.relu,
     "leaky_relu": functools.partial(nn.leaky_relu, negative_slope=0.01),
+    "prelu": prelu,
     "elu": nn.elu,
     "gelu": nn.gelu,
 }

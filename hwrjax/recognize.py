@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hwrjax import calibration, checkpoint, models, preprocess
+from hwrjax import calibration, checkpoint, losses, models, preprocess
 from hwrjax.errors import CheckpointError, HwrjaxError
 from hwrjax.preprocess import ImageError
 
@@ -131,7 +131,7 @@ class Recognizer:
 
     def __init__(self, model: Any, variables: dict, *, max_digits: int = 12, max_batch: int = 256,
                  step: int | None = None, name: str = "", temperature: float = calibration.UNCALIBRATED,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, loss: str = "cross_entropy"):
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise ValueError(f"max_batch must be a positive power of two, got {max_batch}")
         if not calibration.MIN_TEMPERATURE <= temperature <= calibration.MAX_TEMPERATURE:
@@ -148,6 +148,8 @@ class Recognizer:
         self.step = step
         self.name = name
         self._temperature = float(temperature)
+        losses.probabilities(jnp.zeros((1, 1)), loss)  # an unknown loss fails here
+        self.loss = loss  # config.loss.name of the training: how logits are read (hwrjax.losses.probabilities)
         self._lock = threading.Lock()
         self._traces = 0
         self._predict = jax.jit(self._probabilities)
@@ -170,14 +172,16 @@ class Recognizer:
             if record is None:
                 logging.warning("%s has no fitted temperature for step %d: probabilities are uncalibrated (T=1); "
                                 "fit one with `hwrjax calibrate --workdir=%s`.", workdir, step, workdir)
-        return cls(model, variables, step=step, name=str(config.model.name), **kwargs)
+        return cls(model, variables, step=step, name=str(config.model.name), loss=str(config.loss.name),
+                   **kwargs)
 
     # ---------------------------------------------------------------- the model call
 
     def _probabilities(self, variables: dict, images: jax.Array) -> jax.Array:
         self._traces += 1  # Runs only while tracing: counts compilations.
         # The temperature is fixed at construction, so it is a constant of the compiled program.
-        return calibration.probabilities(self.model.apply(variables, images, train=False), self.temperature)
+        return calibration.probabilities(self.model.apply(variables, images, train=False), self.temperature,
+                                         self.loss)
 
     @property
     def temperature(self) -> float:

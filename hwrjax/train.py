@@ -763,14 +763,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     wall = meta["wall_time_s"] + (0.0 if finished else time.time() - session_start)
     test.update(step=step, checkpoint_step=report_step,
                 split=config.dataset.test_split, dataset=config.dataset.name,
-                wall_time_s=wall, total_time_s=time.time() - start_time,
+                probabilities=losses_lib.describe_probabilities(config.loss.name), wall_time_s=wall,
+                total_time_s=time.time() - start_time,
                 best_val_accuracy=meta["best_val_accuracy"], num_params=int(sum(
                     x.size for x in jax.tree.leaves(state.params))))
     if is_main:
         from hwrjax import calibration as calibration_lib
         from hwrjax import evaluate as evaluate_lib
 
-        delivered_model = evaluate_lib.as_loaded_model(report_state)
+        delivered_model = evaluate_lib.as_loaded_model(report_state, config.loss.name)
         if val_set is not None:
             # The temperature that calibrates the reported model's probabilities, fitted on validation and
             # stored with the run for every command that loads this checkpoint (hwrjax.calibration).

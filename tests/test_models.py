@@ -185,3 +185,59 @@ def test_create_model_by_name_and_errors():
         models.create_model(ml_collections.ConfigDict(dict(name="resnet", block="bottle")), 10)
     with pytest.raises(ConfigError, match="crop_border must be a whole number of pixels >= 0, got -1"):
         models.create_model(ml_collections.ConfigDict(dict(name="convnet", crop_border=-1)), 10)
+
+
+def test_prelu_values_and_one_slope_per_channel():
+    layer = models.PReLU()
+    x = jnp.array([[-2.0, -1.0, 0.0, 3.0]])
+    variables = layer.init(jax.random.key(0), x)
+    assert variables["params"]["negative_slope"].shape == (4,)
+    slopes = jnp.array([0.1, 0.2, 0.3, 0.4])
+    out = layer.apply({"params": {"negative_slope": slopes}}, x)
+    assert jnp.allclose(out, jnp.array([[-0.2, -0.2, 0.0, 3.0]]))
+    # Every activation site of a model owns its slopes, one per channel of that site.
+    model = models.ConvNet(conv_widths=(4, 6), dense_widths=(5,), activation="prelu")
+    variables, _ = _init(model)
+    shapes = sorted(v["negative_slope"].shape for k, v in variables["params"].items() if k.startswith("PReLU"))
+    assert shapes == [(4,), (5,), (6,)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet", "resnet"])
+def test_prelu_slopes_are_learned_without_weight_decay_and_checkpointed(name, tmp_path):
+    import numpy as np
+    import optax
+
+    from hwrjax import checkpoint, optim, train
+
+    small = dict(mlp=dict(hidden_sizes=(16,)), convnet=dict(conv_widths=(4,), dense_widths=(8,)),
+                 resnet=dict(stage_sizes=(1,), stage_widths=(4,), stem_width=4))[name]
+    model = models.create_model(ml_collections.ConfigDict(dict(name=name, activation="prelu", **small)), 10)
+    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+    slope_paths = lambda params: {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                                  jax.tree_util.tree_flatten_with_path(params)[0] if "negative_slope" in str(p)}
+    before = slope_paths(state.params)
+    assert before and all(np.all(v == 0.25) for v in before.values())
+    # Like biases and normalization scales, the slopes are not weight-decayed.
+    mask = slope_paths(optim.decay_mask(state.params))
+    assert mask and not any(bool(m) for m in mask.values())
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+    step = jax.jit(train.train_step)
+    for i in range(3):
+        state, _ = step(state, batch, jax.random.key(i))
+    after = slope_paths(state.params)
+    assert any(not np.allclose(after[k], before[k]) for k in before)
+    # Saved with the other parameters, and restored both for inference and for resuming.
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    ckpt.save(3, state, {})
+    ckpt.close()
+    loaded, _ = checkpoint.load_variables(str(tmp_path), "latest")
+    for k, v in slope_paths(loaded["params"]).items():
+        np.testing.assert_array_equal(v, after[k])
+    fresh = train.create_train_state(model, optax.sgd(0.1), jax.random.key(1))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    resumed, _ = ckpt.restore_latest(fresh)
+    ckpt.close()
+    for k, v in slope_paths(resumed.params).items():
+        np.testing.assert_array_equal(v, after[k])
