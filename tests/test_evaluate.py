@@ -97,6 +97,7 @@ def test_report_json_fields_and_counts(single, runs, test_slice):
     assert report["split"] == SPLIT and report["requested_split"] == SPLIT and report["dataset"] == "mnist"
     assert report["workdirs"] == [os.path.abspath(runs["a"])] and report["checkpoint_steps"] == [0]
     assert report["tta"] == 0 and report["tta_views"] == 1 and report["ensemble_size"] == 1
+    assert report["probabilities"] == "softmax" and "probabilities: softmax" in single["out"]
     assert np.asarray(report["confusion_matrix"]).sum() == N and len(report["per_class"]) == 10
     for key in ("accuracy", "loss", "top2_accuracy", "macro_f1", "ece", "misclassified", "most_confident_mistakes"):
         assert key in report
@@ -105,6 +106,25 @@ def test_report_json_fields_and_counts(single, runs, test_slice):
     assert report["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
     assert report["loss"] == pytest.approx(metrics.classification_report(labels, probs)["loss"], abs=1e-6)
     assert f"Classification report ({N} examples)" in single["out"] and single["path"] in single["out"]
+
+
+def test_report_of_a_bce_run_says_its_sigmoids_are_normalized(runs, test_slice, tmp_path):
+    config = conftest.small_resnet_config()
+    config.dataset.test_split = SPLIT
+    config.loss.name = "bce"
+    bce = conftest.make_workdir(str(tmp_path / "bce"), config, seed=4)
+    images, labels = test_slice
+    rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={bce}", "--no_tensorboard")
+    assert rc == 0, err
+    with open(os.path.join(bce, "report", "test_metrics.json")) as f:
+        report = json.load(f)
+    assert report["probabilities"] == "sigmoid per class, normalized to sum to 1"
+    assert "probabilities: sigmoid per class, normalized to sum to 1" in out
+    probs = evaluate.predict_probs(bce, images)
+    assert report["loss"] == pytest.approx(metrics.classification_report(labels, probs)["loss"], abs=1e-6)
+    # An ensemble of a softmax and a sigmoid member names both readings.
+    mixed = evaluate.evaluate([runs["a"], bce], split=SPLIT)
+    assert mixed["probabilities"] == "softmax; sigmoid per class, normalized to sum to 1"
 
 
 def test_test_alias_is_the_runs_test_split_and_keeps_training_fields(runs):
