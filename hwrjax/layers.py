@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -89,24 +90,6 @@ def _patches(x: jax.Array, kh: int, kw: int, strides: tuple[int, int], out_hw: t
     return jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * x.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-    """SAME NHWC convolution whose kernel gradient is computed with matrix products (`_kernel_grad`)."""
-    return _conv(x, kernel, strides)
-
-
-def _fwd(x, kernel, strides):
-    return _conv(x, kernel, strides), (x, kernel)
-
-
-def _bwd(strides, residuals, dy):
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    # The convolution is linear in x: its transpose is XLA's input gradient, with no forward recompute.
-    (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel, strides), x)(dy)
-    return dx, _kernel_grad(x, dy, kh, kw, strides).astype(kernel.dtype)
-
-
 # Patch matrices larger than this (bytes) are not built: the kernel gradient is then kh*kw
 # products of shifted views. Measured crossover on this project's CPU (32 MB L3) lies
 # between 5 and 10 MB; other CPUs may differ (benchmarks/kernel_grad.py). Read when a function
@@ -114,27 +97,64 @@ def _bwd(strides, residuals, dy):
 PATCH_MATRIX_LIMIT = 8 << 20
 
 
-def uses_patch_matrix(x: jax.Array, dy: jax.Array, kh: int, kw: int) -> tuple[bool, int]:
+def uses_patch_matrix(x: Any, dy: Any, kh: int, kw: int) -> tuple[bool, int]:
     """(whether the kernel gradient of this convolution is one patch-matrix product, the patch
     matrix's size in bytes), for input `x` and output gradient `dy`."""
     nbytes = dy.size // dy.shape[-1] * kh * kw * x.shape[-1] * x.dtype.itemsize
     return nbytes <= PATCH_MATRIX_LIMIT, nbytes
 
 
-def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, strides: tuple[int, int]) -> jax.Array:
-    """d(loss)/d(kernel) [kh, kw, Cin, Cout] of a SAME convolution, from its input and output gradient."""
-    cin, cout = x.shape[-1], dy.shape[-1]
-    dy2 = dy.reshape(-1, cout)
+def _conv_as_products(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                      out_shape: tuple[int, ...]) -> jax.Array:
+    """The SAME convolution of x with `kernel` as matrix products of input patches with the kernel.
+
+    Linear in `kernel`, and transposed with respect to it (reverse mode) it is the kernel gradient
+    as matrix products: patches(x)^T @ dy as one product, or one shifted_view(x)^T @ dy per tap
+    when the patch matrix would exceed PATCH_MATRIX_LIMIT (see the module docstring).
+    """
+    kh, kw, cin, cout = kernel.shape
+    out_hw = out_shape[1:3]
+    dy = jax.ShapeDtypeStruct(out_shape, x.dtype)
     if uses_patch_matrix(x, dy, kh, kw)[0]:
-        p = _patches(x, kh, kw, strides, dy.shape[1:3])
-        dk = jnp.dot(p.T, dy2, preferred_element_type=jnp.float32)
-        return dk.reshape(kh, kw, cin, cout)
-    taps = [jnp.dot(view.reshape(-1, cin).T, dy2, preferred_element_type=jnp.float32)
-            for view in _shifted_views(x, kh, kw, strides, dy.shape[1:3])]
-    return jnp.stack(taps).reshape(kh, kw, cin, cout)
+        y = jnp.dot(_patches(x, kh, kw, strides, out_hw), kernel.reshape(-1, cout),
+                    preferred_element_type=jnp.float32)
+    else:
+        # Split, not indexed: transposed, the taps' products are stacked, not padded and added.
+        taps = jnp.split(kernel.reshape(kh * kw, cin, cout), kh * kw)
+        y = functools.reduce(operator.add, [
+            jnp.dot(view.reshape(-1, cin), tap[0], preferred_element_type=jnp.float32)
+            for view, tap in zip(_shifted_views(x, kh, kw, strides, out_hw), taps)])
+    return y.reshape(out_shape).astype(x.dtype)
 
 
-conv_matmul_kernel_grad.defvjp(_fwd, _bwd)
+def _kernel_grad(x: jax.Array, dy: jax.Array, kh: int, kw: int, strides: tuple[int, int]) -> jax.Array:
+    """d(loss)/d(kernel) [kh, kw, Cin, Cout] of a SAME convolution, from its input and output gradient:
+    the transpose of `_conv_as_products` that reverse mode computes."""
+    kernel = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), x.dtype)
+    (dk,) = jax.linear_transpose(lambda k: _conv_as_products(x, k, strides, dy.shape), kernel)(dy)
+    return dk
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """SAME NHWC convolution whose kernel gradient is computed with matrix products.
+
+    XLA's own convolution forward; its derivative is given in forward mode (a custom JVP), so
+    jax.jvp / jacfwd work, and written so that its transpose, which reverse mode uses, is XLA's
+    input gradient for x and the matrix-product kernel gradient for the kernel.
+    """
+    return _conv(x, kernel, strides)
+
+
+@conv_matmul_kernel_grad.defjvp
+def _conv_jvp(strides, primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _conv(x, kernel, strides)
+    # Linear in (dx, dkernel): reverse mode transposes the first term into XLA's input gradient
+    # (no forward recompute) and the second into matrix products of x with the output gradient.
+    dy = _conv(dx, kernel, strides) + _conv_as_products(x, dkernel, strides, y.shape)
+    return y, dy
 
 
 def use_matmul_kernel_grad(mode: str) -> bool:
@@ -191,38 +211,42 @@ def blocks(x: jax.Array, wh: int, ww: int) -> jax.Array:
     return x[:, :ho * wh, :wo * ww].reshape(b, ho, wh, wo, ww, c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _first_max(xb: jax.Array, y: jax.Array) -> list[list[jax.Array]]:
+    """hit[i][j] [B, Ho, Wo, C]: whether window tap (i, j) of `xb` is the first in row-major order to
+    hold the window's maximum `y` (where select-and-scatter sends the gradient)."""
+    taken = jnp.zeros(y.shape, bool)
+    hits = []
+    for i in range(xb.shape[2]):
+        hits.append([])
+        for j in range(xb.shape[4]):
+            hit = (xb[:, :, i, :, j] == y) & ~taken
+            taken = taken | hit
+            hits[i].append(hit)
+    return hits
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _block_max(x: jax.Array, wh: int, ww: int) -> jax.Array:
     return blocks(x, wh, ww).max(axis=(2, 4))
 
 
-def _block_max_fwd(x, wh, ww):
-    y = _block_max(x, wh, ww)
-    return y, (x, y)
-
-
-def _block_max_bwd(wh, ww, residuals, dy):
-    x, y = residuals
+@_block_max.defjvp
+def _block_max_jvp(wh, ww, primals, tangents):
+    (x,), (dx,) = primals, tangents
     xb = blocks(x, wh, ww)
-    # The gradient goes to the first maximum of each window in row-major order, as with
-    # select-and-scatter; everything is elementwise, so XLA fuses it into one loop.
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(wh):
-        cols = []
-        for j in range(ww):
-            hit = (xb[:, :, i, :, j] == y) & ~taken
-            taken = taken | hit
-            cols.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
-        rows.append(jnp.stack(cols, axis=3))
-    b, ho, wo, c = y.shape
-    dx = jnp.stack(rows, axis=2).reshape(b, ho * wh, wo * ww, c)
-    # Rows and columns a VALID pooling dropped get no gradient.
-    dx = jnp.pad(dx, ((0, 0), (0, x.shape[1] - ho * wh), (0, x.shape[2] - wo * ww), (0, 0)))
-    return (dx,)
-
-
-_block_max.defvjp(_block_max_fwd, _block_max_bwd)
+    y = xb.max(axis=(2, 4))
+    # The tangent of each window's maximum is that of its first maximal element: linear in dx, and
+    # its transpose (reverse mode) puts the output gradient there and zeros elsewhere, as
+    # select-and-scatter does; rows and columns a VALID pooling dropped get no gradient.
+    # Split, not indexed, so that the transpose assembles the input gradient with concatenations of
+    # elementwise selections, which XLA fuses into one loop.
+    hits = _first_max(xb, y)
+    terms = []
+    for i, row in enumerate(jnp.split(blocks(dx, wh, ww), wh, axis=2)):
+        for j, tap in enumerate(jnp.split(row, ww, axis=4)):
+            tap = jnp.squeeze(tap, (2, 4))
+            terms.append(jnp.where(hits[i][j], tap, jnp.zeros_like(tap)))
+    return y, functools.reduce(operator.add, terms)
 
 
 def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int] | None = None,
