@@ -52,11 +52,10 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 
 def _load_test(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from hwrjax.data import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()
     import tensorflow_datasets as tfds
-
-    from hwrjax.data import hide_gpus_from_tensorflow
-
-    hide_gpus_from_tensorflow()
     try:
         builder = tfds.builder("mnist", data_dir=data_dir)
         if not builder.is_prepared():

@@ -57,14 +57,30 @@ class Splits:
     class_names: tuple[str, ...]
 
 
-def hide_gpus_from_tensorflow() -> None:
-    """Keeps TensorFlow (used by tfds only) off the accelerators that JAX owns."""
+# Device kinds TensorFlow could take memory on; JAX owns them all.
+TF_ACCELERATORS = ("GPU", "TPU")
+_TF_HIDDEN = [False]
+
+
+def hide_accelerators_from_tensorflow() -> None:
+    """Keeps TensorFlow (tfds and export only) off every accelerator, which JAX owns.
+
+    TensorFlow takes device memory when its runtime starts, after which devices can no longer be
+    hidden: hwrjax calls this before the first thing that imports or runs TensorFlow (decoding a
+    split, exporting a SavedModel or TFLite file). Reading a tfds builder's metadata does neither.
+    """
+    if _TF_HIDDEN[0]:
+        return
     import tensorflow as tf
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # Already initialized: nothing more to hide.
-        pass
+    for kind in TF_ACCELERATORS:
+        try:
+            tf.config.set_visible_devices([], kind)
+        except RuntimeError:  # The runtime started first, e.g. in the caller's code.
+            logging.warning("TensorFlow started before hwrjax could hide its %s devices from it; it may hold "
+                            "accelerator memory JAX needs (call hwrjax.data.hide_accelerators_from_tensorflow() "
+                            "before using TensorFlow).", kind)
+    _TF_HIDDEN[0] = True
 
 
 def _data_dir(config: Any) -> str | None:
@@ -73,7 +89,7 @@ def _data_dir(config: Any) -> str | None:
 
 def get_builder(config: Any):
     """Returns the tfds builder of `config.dataset.name`, checking name and image shape."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # Without TensorFlow: tfds imports it when a split is decoded.
 
     name = config.dataset.name
     base = name.split("/")[0].split(":")[0]
@@ -194,10 +210,9 @@ def _write_disk_cache(path: str, split: Split) -> None:
 
 
 def _decode(builder: Any, split: str) -> Split:
-    """Reads a whole split through tfds (imports TensorFlow)."""
+    """Reads a whole split through tfds (imports TensorFlow, its accelerators hidden first)."""
+    hide_accelerators_from_tensorflow()
     import tensorflow_datasets as tfds
-
-    hide_gpus_from_tensorflow()
     data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
     return Split(images=np.asarray(data["image"], np.uint8), labels=np.asarray(data["label"], np.int32))
 

@@ -255,7 +255,7 @@ def load_stablehlo(path: str) -> Callable[[np.ndarray], np.ndarray]:
 def _tensorflow():
     from hwrjax import data as data_lib
 
-    data_lib.hide_gpus_from_tensorflow()
+    data_lib.hide_accelerators_from_tensorflow()
     import tensorflow as tf
 
     return tf

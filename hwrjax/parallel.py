@@ -15,9 +15,10 @@ MODES = ("jit", "pmap")
 
 
 def make_mesh() -> Mesh:
-    """A 1-D ('data',) mesh over every device of every process."""
-    # jax.make_mesh defaults to explicit axis types, which Linen steps do not expect.
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    """A 1-D ('data',) mesh over every device of every process, its axis of type Auto."""
+    # Auto, not make_mesh's default Explicit: Linen steps leave sharding decisions to the compiler.
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices())
 
 
 def put_replicated(array: np.ndarray, sharding: NamedSharding) -> jax.Array:

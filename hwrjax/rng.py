@@ -12,7 +12,7 @@ _PURPOSES = {"init": 0, "order": 1, "augment": 2, "dropout": 3}
 
 @dataclasses.dataclass(frozen=True)
 class RunKeys:
-    """Per-purpose keys of a run; a step's key is fold_in(purpose_key, step)."""
+    """Per-purpose typed keys of a run; a step's key is fold_in(purpose_key, step)."""
 
     init: jax.Array
     order: jax.Array
@@ -21,6 +21,7 @@ class RunKeys:
 
     @classmethod
     def from_seed(cls, seed: int) -> "RunKeys":
-        """Derives the purpose keys from config.seed."""
-        root = jax.random.key_data(jax.random.key(int(seed), impl="threefry2x32"))
+        """Derives the purpose keys from config.seed, as typed keys of JAX's default PRNG implementation
+        (threefry2x32 unless jax_default_prng_impl says otherwise)."""
+        root = jax.random.key(int(seed))
         return cls(**{name: jax.random.fold_in(root, pid) for name, pid in _PURPOSES.items()})

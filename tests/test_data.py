@@ -144,3 +144,44 @@ def test_cached_launch_does_not_import_tensorflow(require_mnist, disk_cache):
             for _ in range(2)]
     assert runs[0] == ["55000", "100", "True"]  # decoded through tfds
     assert runs[1] == ["55000", "100", "False"]  # read back from the disk cache
+
+
+def test_tensorflow_sees_no_accelerator_before_it_decodes(require_mnist):
+    # In a fresh process: every accelerator kind is hidden from TensorFlow before tfds decodes the
+    # first split, i.e. before TensorFlow's runtime starts and takes device memory.
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+        from configs import default
+        from hwrjax import data
+        events = []
+        real_hide, real_as_dataset = tf.config.set_visible_devices, tfds.core.DatasetBuilder.as_dataset
+        def hide(devices, device_type=None):
+            events.append(["hide", device_type, list(devices)])
+            real_hide(devices, device_type)
+        def as_dataset(self, *a, **k):
+            events.append(["decode"])
+            return real_as_dataset(self, *a, **k)
+        tf.config.set_visible_devices = hide
+        tfds.core.DatasetBuilder.as_dataset = as_dataset
+        c = default.get_config()
+        c.dataset.test_split = "test[:10]"
+        data.load_splits(c)
+        print(json.dumps({"events": events, "visible": [d.device_type for d in tf.config.get_visible_devices()]}))
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HWRJAX_DATA_CACHE_DIR="")  # no disk cache: every split is decoded
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    events = result["events"]
+    first_decode = events.index(["decode"])
+    hidden = {e[1] for e in events[:first_decode] if e[0] == "hide" and e[2] == []}
+    assert hidden == set(data.TF_ACCELERATORS) == {"GPU", "TPU"}
+    assert set(result["visible"]) == {"CPU"}

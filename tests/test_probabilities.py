@@ -65,3 +65,17 @@ def test_export_and_recognizer_read_a_bce_run_the_same_way(bce_run, images):
     with pytest.raises(Exception, match="unknown loss 'focal'"):
         Recognizer(rec.model, loaded.variables, loss="focal")
 
+
+
+def test_calibration_scales_the_logits_before_the_losss_reading():
+    from hwrjax import calibration
+
+    z = jax.random.normal(jax.random.key(5), (64, 4)) * 3
+    labels = np.asarray(jnp.argmax(z + jax.random.normal(jax.random.key(6), z.shape) * 2, -1))
+    np.testing.assert_allclose(calibration.probabilities(z, 2.0, "bce"), _sigmoids_normalized(z / 2.0), atol=1e-6)
+    np.testing.assert_allclose(jnp.exp(calibration.log_probabilities(z, 2.0, "bce")),
+                               _sigmoids_normalized(z / 2.0), atol=1e-6)
+    t = calibration.fit_temperature(z, labels, "bce")
+    assert calibration.mean_nll(z, labels, t, "bce") < calibration.mean_nll(z, labels, 1.0, "bce")
+    # The fit is of the bce reading, not the softmax one.
+    assert t != pytest.approx(calibration.fit_temperature(z, labels), rel=1e-3)
