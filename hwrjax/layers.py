@@ -27,6 +27,13 @@ reshape and a reduction, without the windowed reduction and select-and-scatter o
 `nn.max_pool`; other window/stride combinations fall back to flax. Values and gradients are
 flax's: the max pool's gradient goes to the first maximum of each window (as
 select-and-scatter does), computed elementwise from the window and its maximum.
+
+Both define their derivative in forward mode (`jax.custom_jvp`), as a tangent linear in the
+input's and kernel's tangents, so jax.jvp / jacfwd work through them; reverse mode transposes
+that tangent, and it is written so that the transpose is the fast form above (matrix products
+for the kernel, elementwise selections for the pool): the recipes' train steps compute the same
+bits as with the hand-written backward passes (custom_vjp) these replaced, which forward mode
+could not differentiate.
 """
 
 from __future__ import annotations
