@@ -235,7 +235,7 @@ def test_prelu_slopes_are_learned_without_weight_decay_and_checkpointed(name, tm
     loaded, _ = checkpoint.load_variables(str(tmp_path), "latest")
     for k, v in slope_paths(loaded["params"]).items():
         np.testing.assert_array_equal(v, after[k])
-    fresh = train.create_train_state(model, optax.sgd(0.1), jax.random.key(1))
+    fresh = jax.jit(lambda k: train.create_train_state(model, optax.sgd(0.1), k))(jax.random.key(1))
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
     resumed, _ = ckpt.restore_latest(fresh)
     ckpt.close()
