@@ -46,6 +46,20 @@ def test_fit_recovers_a_known_temperature(true_t):
                                _softmax(logits.astype(np.float64) / fitted), atol=1e-5)
 
 
+def test_fit_recovers_a_known_temperature_of_normalized_sigmoids():
+    """bce runs are read as sigmoids normalized to sum to 1: the fit uses that family, not a softmax."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(-2.0, 3.0, size=(20000, 10)).astype(np.float32)
+    true_t = 0.5
+    s = 1.0 / (1.0 + np.exp(-logits.astype(np.float64) / true_t))
+    p = s / s.sum(axis=1, keepdims=True)
+    labels = (p.cumsum(axis=1) > rng.random((len(p), 1))).argmax(axis=1).astype(np.int32)
+    fitted = calibration.fit_temperature(logits, labels, loss="bce")
+    assert abs(fitted - true_t) / true_t < 0.05
+    np.testing.assert_allclose(np.asarray(calibration.probabilities(logits, fitted, "bce")),
+                               (lambda q: q / q.sum(1, keepdims=True))(1 / (1 + np.exp(-logits / fitted))), atol=1e-5)
+
+
 def test_fit_rejects_bad_inputs():
     with pytest.raises(Exception, match="shape"):
         calibration.fit_temperature(np.zeros((3,)), np.zeros(3, np.int32))
