@@ -199,7 +199,7 @@ def run(mutant: Mutant, rev: str | None, env: dict, timeout: int) -> tuple[str, 
             return "no tests", "none of its tests exist at this revision", 0.0
         start = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
                                    *tests], cwd=dest, env=dict(env, PYTHONPATH=dest), capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
