@@ -33,6 +33,14 @@ def get_config(arg: str = ""):
     c.num_epochs = 20
     c.schedule.warmup_epochs = 0.5
     c.ema_decay = 0.999
+    # Other writers and captures (chosen on validation and scikit-learn's digits, see above):
+    # thicker strokes, proportions, digits stretched to fill a box, low resolution, two or few grey levels.
+    c.augment.stroke_thicken_px = 1.0
+    c.augment.aspect = 0.2
+    c.augment.stretch_prob = 0.05
+    c.augment.resolution_prob = 0.3
+    c.augment.binarize_prob = 0.2
+    c.augment.quantize_prob = 0.2
     if arg == "smoke":
         default.smoke(c)
         c.model.stage_sizes = (1, 1)
