@@ -17,16 +17,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from hwrjax.synth import _ink01  # the one reader of a digit as [0, 1] ink
+
 __all__ = ["FORMS", "render_form", "tight_crop", "classic_normalize"]
-
-
-def _ink01(digit: np.ndarray) -> np.ndarray:
-    a = np.asarray(digit)
-    if a.ndim != 2 or a.size == 0:
-        raise ValueError(f"expected a non-empty 2-D digit image, got shape {a.shape}")
-    if a.dtype == np.uint8 or float(a.max(initial=0)) > 1.0:
-        a = a.astype(np.float32) / 255.0
-    return np.clip(a.astype(np.float32), 0.0, 1.0)
 
 
 def _resize(a: np.ndarray, h: int, w: int, resample=Image.Resampling.LANCZOS) -> np.ndarray:
