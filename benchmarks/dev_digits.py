@@ -3,7 +3,7 @@
   python benchmarks/dev_digits.py --workdir=runs/resnet
   python benchmarks/dev_digits.py --workdir=runs/a --workdir=runs/b --recognizer   # also through hwrjax's reading
 
-scikit-learn ships 1,797 digits of 43 writers (UCI "optdigits": 32x32 binary scans counted in
+scikit-learn ships 1,797 digits of 13 writers (UCI "optdigits", its test part: 32x32 binary scans counted in
 4x4 blocks to 8x8 images of 0..16, ink bright) with the package: a development set for choosing
 training augmentation, never for training. `hand` normalizes them here the classic MNIST way
 (the box of the ink scaled bilinearly so its longer side is 20 px, the centre of mass moved

@@ -4,7 +4,7 @@
   hwrjax evaluate --workdir=runs/fast --split=/tmp/sk_digits        # accuracy, ECE, coverage on them
   hwrjax predict --workdir=runs/fast --labelled /tmp/sk_digits      # file by file, with a summary
 
-scikit-learn ships 1,797 digits by 43 writers (UCI "optdigits": 32x32 binary scans counted in
+scikit-learn ships 1,797 digits by 13 writers (UCI "optdigits", its test part: 32x32 binary scans counted in
 4x4 blocks into 8x8 images of 0..16). They are written as files a user would have: `--scale`
 times their 8x8 size (nearest neighbour), dark ink on white paper unless `--light_ink`, so every
 reading goes through the Recognizer's own preprocessing. A development set for measuring only,
@@ -21,9 +21,13 @@ from absl import app, flags
 from PIL import Image
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output", None, "Folder to write (must not exist, or be empty).", required=True)
-flags.DEFINE_integer("scale", 4, "Each 8x8 digit is written this many times larger (nearest neighbour).")
-flags.DEFINE_bool("light_ink", False, "Bright ink on a black ground (as the data are) instead of dark on white.")
+
+
+def define_flags() -> None:
+    """This program's flags; defined only when it runs, so other benchmarks can import `write_folder`."""
+    flags.DEFINE_string("output", None, "Folder to write (must not exist, or be empty).", required=True)
+    flags.DEFINE_integer("scale", 4, "Each 8x8 digit is written this many times larger (nearest neighbour).")
+    flags.DEFINE_bool("light_ink", False, "Bright ink on a black ground (as the data are) instead of dark on white.")
 
 
 def write_folder(output: str, scale: int = 4, light_ink: bool = False) -> int:
@@ -58,4 +62,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
