@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits_folder import write_folder  # noqa: E402
 from hwrjax import finetune as finetune_lib  # noqa: E402
+from hwrjax.errors import HwrjaxError  # noqa: E402
 from hwrjax.recognize import Recognizer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -135,8 +136,18 @@ def format_table(rows: dict[int, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
+def main(argv) -> int:
     del argv
+    try:
+        measure()
+    except (HwrjaxError, ValueError, ModuleNotFoundError) as e:
+        sys.stderr.write(f"finetune_table: error: {e}\n")
+        return 2
+    return 0
+
+
+def measure() -> None:
+    """Writes the digits, reads them with the base, fine-tunes each draw, prints the table."""
     from sklearn.datasets import load_digits  # the bench extra; imported late so --help works without it
 
     logging.set_verbosity(logging.ERROR)  # checkpoint loading warns about read-only options

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 import conftest
 from conftest import make_workdir
@@ -135,6 +136,61 @@ def test_output_is_a_normal_workdir(tuned, base_run):
     readings = Recognizer.from_workdir(workdir).recognize(list(digits[..., 0]), mode="digit")
     assert [r.digits[0] for r in readings] == want.tolist()
     assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(workdir)))
+
+
+def thick_tight_crop(digit: np.ndarray) -> np.ndarray:
+    """A digit in another writer's style: strokes 2 px thicker on each side, cut to the ink's box, dark on white."""
+    ink = ndimage.binary_dilation(digit > 100, iterations=2)
+    rows, cols = np.nonzero(ink)
+    return np.where(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1], 0, 255).astype(np.uint8)
+
+
+STYLE_TRAIN, STYLE_HELD = 10, 30  # per digit
+
+
+@pytest.fixture(scope="module")
+def style_files(base_run, tmp_path_factory):
+    """Validation digits as thick tight crops: STYLE_TRAIN of each digit in a samples folder, the next
+    STYLE_HELD as held-out files; returns (samples folder, held-out paths, their labels)."""
+    _, splits = base_run
+    root = tmp_path_factory.mktemp("style")
+    held, held_labels = [], []
+    for c in range(10):
+        index = np.flatnonzero(splits.validation.labels == c)[:STYLE_TRAIN + STYLE_HELD]
+        assert len(index) == STYLE_TRAIN + STYLE_HELD
+        os.makedirs(root / "samples" / str(c))
+        os.makedirs(root / "held" / str(c))
+        for j, i in enumerate(index):
+            path = root / ("samples" if j < STYLE_TRAIN else "held") / str(c) / f"{j:02d}.png"
+            Image.fromarray(thick_tight_crop(splits.validation.images[i, ..., 0])).save(path)
+            if j >= STYLE_TRAIN:
+                held.append(str(path))
+                held_labels.append(c)
+    return str(root / "samples"), held, np.asarray(held_labels)
+
+
+def _read_digits(workdir: str, paths: list[str]) -> np.ndarray:
+    """What `hwrjax predict --mode=digit` reads in each file."""
+    from hwrjax.recognize import Recognizer
+
+    readings = Recognizer.from_workdir(workdir).recognize(paths, mode="digit")
+    return np.array([int(r.text) if r.text.isdigit() else -1 for r in readings])
+
+
+def test_finetune_defaults_learn_a_new_style_from_a_few_samples(base_run, style_files, tmp_path):
+    """With the default settings, 10 samples of each digit in a style the base reads badly raise the
+    accuracy on 30 other samples of it (read as `predict --mode=digit` reads files) by >= 10 points,
+    and MNIST test accuracy stays within 2 points (a fine-tune that learns nothing fails)."""
+    base, _ = base_run
+    samples, held, labels = style_files
+    before = np.mean(_read_digits(base, held) == labels)
+    report = finetune.finetune(base, samples, str(tmp_path / "mine"), finetune.FinetuneOptions(holdout=0.0))
+    after = np.mean(_read_digits(str(tmp_path / "mine"), held) == labels)
+    assert before <= 0.85, before  # the style is one the base reads badly
+    assert after >= before + 0.10, (before, after)
+    assert report["num_train_samples"] == 10 * STYLE_TRAIN and report["after"]["train_samples"]["accuracy"] >= 0.9
+    mnist = report["before"]["mnist_test"]["accuracy"], report["after"]["mnist_test"]["accuracy"]
+    assert mnist[1] >= mnist[0] - 0.02, mnist
 
 
 def test_finetune_is_reproducible(base_run, samples_dir, tmp_path):
