@@ -35,6 +35,7 @@ working-size downscale lose detail.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -390,6 +391,124 @@ def _ring(a: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([a[:width].ravel(), a[-width:].ravel(), a[:, :width].ravel(), a[:, -width:].ravel()])
 
 
+# Order statistics: the segmentation takes several quantiles of the same few arrays, so each is
+# sorted once (numpy's SIMD sort) and the quantiles are read off. They equal np.percentile's
+# ("linear") and np.median's bit for bit, with the same dtypes (tests/test_preprocess.py checks).
+
+
+def _percentile_sorted(s: np.ndarray, q: float | tuple[float, ...]):
+    """np.percentile(a, q) from s = np.sort(a, axis=None) (non-empty): a scalar for a scalar q, else a list."""
+    n = s.size
+    scalar = np.ndim(q) == 0
+    out = []
+    for p in (q,) if scalar else q:
+        v = (n - 1) * (float(p) / 100.0)  # numpy's virtual index, in float64
+        if v >= n - 1:
+            out.append(s[-1] if scalar else np.float64(s[-1]))
+            continue
+        i = int(np.floor(v))
+        a, b = s[i], s[i + 1]
+        d = b - a  # in the array's dtype
+        # numpy's _lerp; a scalar q's weight is a Python float (weak: it becomes the array's dtype),
+        # a sequence's weights are float64.
+        t = v - i if scalar else np.float64(v - i)
+        out.append(b - d * (1 - t) if t >= 0.5 else a + d * t)
+    return out[0] if scalar else out
+
+
+def _median_sorted(s: np.ndarray):
+    """np.median of a non-empty sorted 1-D array."""
+    h = s.size // 2
+    if s.size % 2:
+        return s[h]
+    return s.dtype.type((s[h - 1] + s[h]) / 2) if s.dtype.kind == "f" else (s[h - 1] + s[h]) / 2
+
+
+def _median(a: np.ndarray):
+    """np.median(a) of a non-empty array, by a partial sort."""
+    a = a.ravel()
+    h = a.size // 2
+    if a.size % 2:
+        return np.partition(a, h)[h]
+    return _median_sorted(np.partition(a, (h - 1, h))[h - 1 : h + 1])
+
+
+# Separable filters called pass by pass: the same 1-D passes, in the same order, as ndimage's
+# gaussian_filter and uniform_filter, without their per-call argument handling, which costs more
+# than the passes on small images; grey_opening by doubling. All equal ndimage's bit for bit
+# (tests/test_preprocess.py checks).
+
+
+@functools.lru_cache(maxsize=64)
+def _gaussian_weights(sigma: float) -> np.ndarray:
+    """The kernel ndimage.gaussian_filter(sigma, truncate=4) correlates with."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return (phi / phi.sum())[::-1]
+
+
+def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
+    """ndimage.gaussian_filter(a, sigma) (mode "reflect") of a 2-D float array."""
+    w = _gaussian_weights(float(sigma))
+    out = ndimage.correlate1d(a, w, axis=0, mode="reflect")
+    return ndimage.correlate1d(out, w, axis=1, output=out, mode="reflect")
+
+
+def _box(a: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """ndimage.uniform_filter(a, size, mode=mode) of a 2-D float array."""
+    if size <= 1:
+        return a.copy()
+    out = ndimage.uniform_filter1d(a, size, axis=0, mode=mode)
+    return ndimage.uniform_filter1d(out, size, axis=1, output=out, mode=mode)
+
+
+def _running(a: np.ndarray, size: int, origin: int, fn: np.ufunc) -> np.ndarray:
+    """ndimage.minimum_filter1d / maximum_filter1d(a, size, axis=0, mode="reflect", origin) for fn =
+    np.minimum / np.maximum, by doubling: log2(size) elementwise passes over whole rows instead of a
+    window per pixel (the extremes are the same values: exact). Needs size // 2 <= len(a)."""
+    n = a.shape[0]
+    lo = size // 2 + origin  # rows taken before each row (reflected at the start), the rest after it
+    hi = size - 1 - lo
+    p = np.concatenate([a[:lo][::-1], a, a[n - hi :][::-1]]) if lo or hi else a
+    k = 1
+    while 2 * k <= size:  # p[i] becomes the extreme of 2k consecutive rows from i
+        p = fn(p[:-k], p[k:])
+        k *= 2
+    return fn(p[:n], p[size - k : size - k + n])
+
+
+def _opening(a: np.ndarray, size: int) -> np.ndarray:
+    """ndimage.grey_opening(a, size=(size, size), mode="reflect") of a 2-D array."""
+    if size // 2 > min(a.shape):  # a window past a whole reflected copy: ndimage's own extension
+        return ndimage.grey_opening(a, size=(size, size), mode="reflect")
+    origin = 0 if size & 1 else -1  # grey_dilation mirrors the window of an even size
+    # Minimum over the square, then maximum over it: each separable, each in any order of the axes.
+    t = np.ascontiguousarray(_running(a, size, 0, np.minimum).T)
+    t = _running(_running(t, size, 0, np.minimum), size, origin, np.maximum)
+    return _running(np.ascontiguousarray(t.T), size, origin, np.maximum)
+
+
+def _dilate3(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """ndimage.binary_dilation(mask, np.ones((3, 3)), iterations) (outside the image is False)."""
+    for _ in range(iterations):
+        rows = mask.copy()
+        rows[1:] |= mask[:-1]
+        rows[:-1] |= mask[1:]
+        mask = rows.copy()
+        mask[:, 1:] |= rows[:, :-1]
+        mask[:, :-1] |= rows[:, 1:]
+    return mask
+
+
+def _erode3(mask: np.ndarray) -> np.ndarray:
+    """ndimage.binary_erosion(mask, np.ones((3, 3)), border_value=0): pixels whose 3x3 block is all set."""
+    p = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), bool)
+    p[1:-1, 1:-1] = mask
+    rows = p[:-2] & p[1:-1] & p[2:]
+    return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
+
+
 def _ink_is_light(grey: np.ndarray) -> bool:
     """True for light ink on dark paper (MNIST polarity), False for dark ink on light.
 
@@ -401,11 +520,11 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     the image.
     """
     h, w = grey.shape
-    smooth = ndimage.gaussian_filter(grey, 1.0) if min(h, w) >= 8 else grey
+    smooth = _gaussian(grey, 1.0) if min(h, w) >= 8 else grey
     bw = max(1, round(0.04 * min(h, w)))
     ring = _ring(smooth, bw)
-    paper = float(np.median(ring))
-    lo, hi = np.percentile(smooth, [0.5, 99.5])
+    paper = float(_median_sorted(np.sort(ring)))
+    lo, hi = _percentile_sorted(np.sort(smooth, axis=None), (0.5, 99.5))
     darker, lighter = paper - float(lo), float(hi) - paper
     light = lighter > darker
     middle = paper + 0.5 * (lighter if light else -darker)
@@ -446,7 +565,9 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     w1 = 1.0 - w0
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (mt * w0 - m0) ** 2 / (w0 * w1)
-    between = np.nan_to_num(between[:-1], nan=-1.0)
+    between = between[:-1]
+    between[np.isnan(between)] = -1.0  # np.nan_to_num(between, nan=-1.0), without its per-call cost
+    between[np.isposinf(between)] = np.finfo(between.dtype).max
     return lo + (int(np.argmax(between)) + 1) * width
 
 
@@ -471,21 +592,22 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     """
     h, w = ink_pos.shape
     size = max(3, min(h, w) // 4)
-    local = ink_pos - ndimage.uniform_filter(
-        ndimage.uniform_filter(ink_pos, size, mode="nearest"), size, mode="nearest"
-    )  # ~triangular smoothing, O(1) per pixel whatever the size
-    lo, hi = np.percentile(local, [5, 99.5])
+    local = ink_pos - _box(_box(ink_pos, size, "nearest"), size, "nearest")  # ~triangular smoothing, O(1) a pixel
+    lo, hi = _percentile_sorted(np.sort(local, axis=None), (5, 99.5))
     noise = _noise(ink_pos, 0.0)
     if hi - lo < max(_MIN_CONTRAST, 8.0 * noise):
         return ink_pos
     if float(np.mean(_ring(local, 1) > 0.5 * (float(lo) + float(hi)))) <= 0.01:
         return ink_pos
-    middle = 0.5 * (float(np.percentile(ink_pos, 5)) + float(np.percentile(ink_pos, 99.5)))
-    paper = float(np.median(ink_pos[ink_pos <= middle]))
+    ordered = np.sort(ink_pos, axis=None)
+    middle = 0.5 * (float(_percentile_sorted(ordered, 5)) + float(_percentile_sorted(ordered, 99.5)))
+    paper = float(_median_sorted(ordered[: np.count_nonzero(ordered <= middle)]))  # never empty
     # Relative to the longer side, but at most 4x the shorter one: a 2x5000 line must not
     # grow a margin of thousands of pixels on every side.
     pad = round(_MARGIN * min(max(h, w), 4 * min(h, w))) + 2
-    return np.pad(ink_pos, pad, mode="constant", constant_values=paper)
+    out = np.full((h + 2 * pad, w + 2 * pad), paper, ink_pos.dtype)  # np.pad's result, without its overhead
+    out[pad:-pad, pad:-pad] = ink_pos
+    return out
 
 
 def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int, str]]:
@@ -539,7 +661,7 @@ def _form_lines(mask: np.ndarray) -> np.ndarray:
             else:
                 lines[:, max(0, lo - 1) : hi + 1] |= mask[:, max(0, lo - 1) : hi + 1]
     if len(edges) == 1:
-        grown = ndimage.binary_dilation(lines, structure=np.ones((3, 3), bool), iterations=2)
+        grown = _dilate3(lines, 2)
         if (grown & mask & ~lines).any():
             return np.zeros_like(mask)
     return lines
@@ -556,18 +678,17 @@ def _noise(a: np.ndarray, sigma: float) -> float:
     diffs = np.abs(np.concatenate(diffs))
     if diffs.size == 0:
         return 0.0
-    return 1.4826 * float(np.median(diffs)) / np.sqrt(2.0)
+    return 1.4826 * float(_median(diffs)) / np.sqrt(2.0)
 
 
-def _paper_level_and_noise(strength: np.ndarray, sigma: float) -> tuple[float, float]:
-    """The paper's level (median of the darker Otsu class) and its noise (robust sigma).
+def _paper_level_and_noise(strength: np.ndarray, ordered: np.ndarray, t: float, sigma: float) -> tuple[float, float]:
+    """The paper's level (median of the darker Otsu class, below `t`) and its noise (robust sigma).
 
-    Neither may depend on how much of the image is ink: a bold digit in a tight box can
-    cover half of it.
+    `ordered` is `strength` sorted. Neither may depend on how much of the image is ink: a bold
+    digit in a tight box can cover half of it.
     """
-    t = _otsu(strength.ravel())
-    below = strength[strength <= t]
-    return float(np.median(below if below.size else strength)), _noise(strength, sigma)
+    below = ordered[: np.count_nonzero(ordered <= t)]
+    return float(_median_sorted(below if below.size else ordered)), _noise(strength, sigma)
 
 
 def _segment(grey: np.ndarray) -> _Ink:
@@ -584,26 +705,26 @@ def _segment(grey: np.ndarray) -> _Ink:
     short = min(h, w)
 
     sigma = max(1.0, short / 150.0) if short >= 8 else 0.0
-    smooth = ndimage.gaussian_filter(ink_pos, sigma) if sigma else ink_pos
+    smooth = _gaussian(ink_pos, sigma) if sigma else ink_pos
     win = max(3, short // 2)
-    background = ndimage.grey_opening(smooth, size=(win, win), mode="reflect")
+    background = _opening(smooth, win)
     for _ in range(2):  # ~triangular smoothing, O(1) per pixel whatever the window
-        background = ndimage.uniform_filter(background, max(1, win // 2), mode="nearest")
+        background = _box(background, max(1, win // 2), "nearest")
     raw = ink_pos - background
     strength = smooth - background
 
-    med, noise = _paper_level_and_noise(strength, sigma)
-    if float(strength.max()) - med < _MIN_CONTRAST:
+    ordered = np.sort(strength, axis=None)
+    otsu = _otsu(ordered)
+    med, noise = _paper_level_and_noise(strength, ordered, otsu, sigma)
+    if float(ordered[-1]) - med < _MIN_CONTRAST:
         raise NoInkError(
             "no ink found: the image is blank or the strokes are too faint; "
             "photograph darker, thicker strokes under even light"
         )
-    threshold = max(_otsu(strength.ravel()), med + 4.0 * noise)
+    threshold = max(otsu, med + 4.0 * noise)
     mask = strength > threshold
-    if mask.any():
-        contrast = float(np.percentile(strength[mask], 90)) - med
-    else:
-        contrast = 0.0
+    above = ordered[np.count_nonzero(ordered <= threshold) :]  # the values of strength[mask], sorted
+    contrast = float(_percentile_sorted(above, 90)) - med if above.size else 0.0
     if contrast < max(_MIN_CONTRAST, _NOISE_SIGMAS * noise):
         raise NoInkError(
             f"no ink found: best ink contrast {contrast:.3f} is too low against paper noise "
@@ -627,8 +748,9 @@ def _segment(grey: np.ndarray) -> _Ink:
     min_area = min(largest, max(2.0, _SPECK_FRACTION * largest, (short / 100.0) ** 2))
     keep = areas >= min_area
     keep[0] = False
-    mask = keep[labels]
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if not keep[1:].all():  # else the mask and its labels stay as they are
+        mask = keep[labels]
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     r0, r1, c0, c1 = _bbox(mask)
     if max(r1 - r0, c1 - c0) < max(_MIN_INK_PX, _MIN_INK_FRACTION * short):
         raise NoInkError(
@@ -636,13 +758,13 @@ def _segment(grey: np.ndarray) -> _Ink:
             "(after downscaling); crop the image closer to the digit"
         )
 
-    level = float(np.percentile(raw[mask], 90))
+    level = float(_percentile_sorted(np.sort(raw[mask]), 90))
     floor = max(med + 2.0 * noise, med + _SOFT_FLOOR * (level - med))
     soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
     reach = max(1, round(short / 100.0))
-    gate = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=reach)
+    gate = _dilate3(mask, reach)
     if lines.any():
-        gate &= ~ndimage.binary_dilation(lines, structure=np.ones((3, 3), bool), iterations=reach)
+        gate &= ~_dilate3(lines, reach)
     soft = np.where(gate, soft, 0.0).astype(np.float32)
     return _Ink(soft=soft, mask=mask, labels=labels.astype(np.int32), count=int(count))
 
@@ -659,13 +781,20 @@ def _bbox(a: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
+def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
+    """ndimage.center_of_mass(a) of a 2-D float array, bit for bit (the same sums in the same order)."""
+    total = a.sum()
+    rows = np.arange(a.shape[0], dtype=np.float64)[:, None]
+    cols = np.arange(a.shape[1], dtype=np.float64)[None, :]
+    return float((a * rows).sum() / total), float((a * cols).sum() / total)
+
+
 def _stroke_width(mask: np.ndarray) -> float:
     """Rough stroke width in px: area / half the boundary length."""
     area = int(mask.sum())
     if area == 0:
         return 0.0
-    inner = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
-    boundary = area - int(inner.sum())
+    boundary = area - int(np.count_nonzero(_erode3(mask)))
     return area / max(boundary / 2.0, 1.0)
 
 
@@ -712,7 +841,7 @@ def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
     canvas[top : top + out_h, left : left + out_w] = crop
     if canvas.sum() <= 0:
         raise NoInkError("no ink left after scaling; the digit strokes are too faint or thin")
-    cy, cx = ndimage.center_of_mass(canvas)
+    cy, cx = _centre_of_mass(canvas)
     y0 = int(round(cy)) - _CENTRE
     x0 = int(round(cx)) - _CENTRE
     return np.ascontiguousarray(canvas[y0 : y0 + MNIST_SIZE, x0 : x0 + MNIST_SIZE])
@@ -743,7 +872,7 @@ def _is_mnist_form(grey: np.ndarray) -> bool:
     box = _bbox(grey > 0.1)
     if box is None or not 18 <= max(box[1] - box[0], box[3] - box[2]) <= 22:
         return False
-    cy, cx = ndimage.center_of_mass(grey)
+    cy, cx = _centre_of_mass(grey)
     return abs(cy - _CENTRE) <= 1.5 and abs(cx - _CENTRE) <= 1.5
 
 

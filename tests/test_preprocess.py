@@ -593,3 +593,57 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path):
     os.mkfifo(fifo)  # opening it for reading would block until a writer came
     with pytest.raises(ImageError, match="not a regular file"):
         load_image(fifo)
+
+
+# ----------------------------------------------------------------------------- exact fast paths
+
+
+def test_order_statistics_equal_numpys_bit_for_bit():
+    """The quantiles read off one sort are np.percentile's ("linear") and np.median's, value and dtype."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 40)) if trial % 2 else int(rng.integers(40, 12000))
+        a = ((rng.random(n) - rng.random()) * rng.choice([1e-3, 1.0, 300.0])).astype(np.float32)
+        if trial % 3 == 0:
+            a = (np.round(a * 7) / 7).astype(np.float32)  # ties, as in few-level scans
+        if trial % 5 == 0:
+            a = a.astype(np.float64)
+        s = np.sort(a)
+        for q in (0, 0.5, 5, 50, 75, 90, 99.5, 100):
+            want, got = np.percentile(a, q), preprocess._percentile_sorted(s, q)
+            assert got == want and type(got) is type(want), (n, q)
+        for qs in ((5, 99.5), (0.5, 99.5)):
+            want, got = np.percentile(a, list(qs)), preprocess._percentile_sorted(s, qs)
+            assert list(got) == list(want) and all(type(g) is np.float64 for g in got), (n, qs)
+        want = np.median(a)
+        for got in (preprocess._median_sorted(s), preprocess._median(a)):
+            assert got == want and type(got) is type(want), n
+
+
+def test_3x3_morphology_and_centre_of_mass_equal_scipys():
+    rng = np.random.default_rng(1)
+    ones = np.ones((3, 3), bool)
+    for shape in [(1, 1), (1, 7), (5, 1), (2, 2), (9, 13), (40, 31)]:
+        for density in (0.05, 0.5, 0.95):
+            mask = rng.random(shape) < density
+            for k in (1, 2, 3):
+                assert np.array_equal(preprocess._dilate3(mask, k),
+                                      ndimage.binary_dilation(mask, structure=ones, iterations=k))
+            assert np.array_equal(preprocess._erode3(mask), ndimage.binary_erosion(mask, structure=ones, border_value=0))
+            soft = (rng.random(shape) * mask).astype(np.float32)
+            if soft.sum() > 0:
+                assert preprocess._centre_of_mass(soft) == tuple(float(c) for c in ndimage.center_of_mass(soft))
+
+
+def test_separable_filters_equal_ndimages_bit_for_bit():
+    rng = np.random.default_rng(2)
+    for shape in [(8, 8), (9, 31), (31, 9), (3, 50), (48, 48), (76, 61), (120, 90)]:
+        a = rng.random(shape).astype(np.float32)
+        for sigma in (1.0, 1.37, 2.5):
+            assert np.array_equal(preprocess._gaussian(a, sigma), ndimage.gaussian_filter(a, sigma))
+        for size in (1, 2, 3, 4, 5, 12, 19, 24, 38, 45):
+            for mode in ("nearest", "reflect"):
+                assert np.array_equal(preprocess._box(a, size, mode), ndimage.uniform_filter(a, size, mode=mode))
+            if size >= 3:
+                assert np.array_equal(preprocess._opening(a, size), ndimage.grey_opening(a, size=(size, size),
+                                                                                          mode="reflect"))
