@@ -33,11 +33,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from hwrjax import cli_support
+    from hwrjax.cli import training as training_cli
 
-    sys.exit(cli_support.run_training(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
-                                      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                      FLAGS.compilation_cache_dir))
+    sys.exit(training_cli.run_training(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
+                                       FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                       FLAGS.compilation_cache_dir))
 
 
 def _last_line(e: Exception) -> str:

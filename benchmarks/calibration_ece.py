@@ -3,7 +3,7 @@
   python benchmarks/calibration_ece.py --workdir=runs/fast
   python benchmarks/calibration_ece.py --workdir=runs/fast --folder=sk_digits/   # also a labelled folder
 
-For each run (its fitted temperature, see hwrjax.calibration; `hwrjax calibrate` fits one for a
+For each run (its fitted temperature, see hwrjax.inference.calibration; `hwrjax calibrate` fits one for a
 run that lacks it) and each set: accuracy, ECE (15 equal-width bins of the top probability) and
 NLL with the raw softmax (T = 1) and calibrated. The sets: the run's validation split (where T
 was fitted), its test split, scikit-learn's 1,797 digits normalized by hand the classic MNIST
@@ -24,7 +24,9 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.dev_digits import mnist_form  # noqa: E402
-from hwrjax import evaluate, metrics  # noqa: E402
+from hwrjax.inference import metrics  # noqa: E402
+from hwrjax.apps import evaluate
+from hwrjax.inference import loader, predict
 
 FLAGS = flags.FLAGS
 # --workdir (repeatable) and --output are those benchmarks/dev_digits.py defines (importing it defines them).
@@ -54,9 +56,9 @@ def measure(workdir: str) -> dict:
                      "nll_after": result.report["loss"], "coverage": c["coverage"]})
     digits = load_digits()
     hand = np.stack([mnist_form(d) for d in digits.images])[..., None].astype(np.float32)
-    raw, calibrated = evaluate.predict_both(workdir, hand, tta=FLAGS.tta)
+    raw, calibrated = predict.predict_both(workdir, hand, tta=FLAGS.tta)
     rows.append(_row("sklearn digits (hand)", digits.target.astype(np.int64), raw, calibrated))
-    model = evaluate.load_model(workdir)
+    model = loader.load_model(workdir)
     return {"workdir": workdir, "temperature": model.temperature, "fitted": model.calibration is not None,
             "tta": FLAGS.tta, "rows": rows}
 

@@ -22,7 +22,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hwrjax import checkpoint, losses, models, optim, rng, train  # noqa: E402
+from hwrjax.training import checkpoint  # noqa: E402
+from hwrjax import models
+from hwrjax.core import losses, optim, rng, train_state
+from hwrjax.core import steps as steps_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "resnet", "Recipe under configs/.")
@@ -35,10 +38,10 @@ def main(argv):
     model = models.create_model(config.model, 10)
     tx = optim.make_optimizer(config, optim.make_schedule(config, 429, config.num_epochs))
     keys = rng.RunKeys.from_seed(0)
-    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(keys.init)
+    state = jax.jit(lambda k: train_state.create_train_state(model, tx, k))(keys.init)
     b = config.batch_size
     batch = {"image": jnp.zeros((b, 28, 28, 1)), "label": jnp.zeros((b,), jnp.int32)}
-    step = jax.jit(lambda s, bt: train.train_step(s, bt, keys.dropout, loss_fn=losses.get_loss(config.loss)))
+    step = jax.jit(lambda s, bt: steps_lib.train_step(s, bt, keys.dropout, loss_fn=losses.get_loss(config.loss)))
     state, m = step(state, batch)
     jax.block_until_ready(m)
     step_times = []

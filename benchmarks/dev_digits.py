@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hwrjax.recognize import Recognizer  # noqa: E402
+from hwrjax.apps.recognize import Recognizer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("workdir", [], "Workdir of a training run to measure; repeat for several.")

@@ -1,4 +1,4 @@
-"""The two forms of hwrjax.layers.Conv's kernel gradient, per convolution and per train step.
+"""The two forms of hwrjax.models.layers.Conv's kernel gradient, per convolution and per train step.
 
   python benchmarks/kernel_grad.py                          # resnet, fast, cnn
   python benchmarks/kernel_grad.py --configs=resnet --repeats=9
@@ -29,7 +29,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import RecipeStep, time_alternating  # noqa: E402
-from hwrjax import layers, models  # noqa: E402
+from hwrjax.models import layers  # noqa: E402
+from hwrjax import models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "fast", "cnn"], "Recipes under configs/ to measure.")
@@ -128,7 +129,7 @@ def main(argv):
         model = models.create_model(config.model, 10, dtype=config.dtype)
         shapes = conv_shapes(model, config.batch_size)
         if not shapes:
-            print(f"{name}: no hwrjax.layers.Conv in this model; nothing to measure")
+            print(f"{name}: no hwrjax.models.layers.Conv in this model; nothing to measure")
             continue
         print(f"\n{name} (batch {config.batch_size}): kernel gradient per convolution, ms "
               f"(jax {jax.__version__}, {jax.default_backend()}, PATCH_MATRIX_LIMIT {layers.PATCH_MATRIX_LIMIT >> 20} MiB)")

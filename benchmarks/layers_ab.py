@@ -1,4 +1,4 @@
-"""What hwrjax.layers buy: each recipe's train step with hwrjax's Conv and pools against the same
+"""What hwrjax.models.layers buy: each recipe's train step with hwrjax's Conv and pools against the same
 step with flax's / XLA's own (`layers.flax_reference()`), compiled in one process and timed in
 alternation.
 
@@ -22,7 +22,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import RecipeStep, time_alternating  # noqa: E402
-from hwrjax import layers  # noqa: E402
+from hwrjax.models import layers  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["fast", "cnn", "resnet"], "Recipes under configs/ to measure.")

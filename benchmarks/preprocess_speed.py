@@ -58,7 +58,7 @@ def _photo(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _inputs() -> dict[str, bytes]:
-    from hwrjax import forms
+    from tests.support import forms
 
     rng = np.random.default_rng(0)
     seven = np.zeros((28, 28), np.uint8)
@@ -83,7 +83,7 @@ def _inputs() -> dict[str, bytes]:
 
 def _time_one(data: bytes) -> tuple[float, float, str]:
     """Wall and CPU milliseconds of one reading (CPU time moves less on a shared machine)."""
-    from hwrjax import preprocess
+    from hwrjax.apps import preprocess
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -95,8 +95,8 @@ def _time_one(data: bytes) -> tuple[float, float, str]:
 
 
 def _predict_rate(workdir: str, files: int) -> None:
-    from hwrjax import forms
-    from hwrjax import data as hdata
+    from hwrjax.training import data as hdata
+    from tests.support import forms
     from configs import default
 
     test = hdata.load_split(hdata.ensure_prepared(default.get_config()), "test")

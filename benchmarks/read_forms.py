@@ -3,7 +3,7 @@
   python benchmarks/read_forms.py --workdir=runs/resnet                # 1,000 test digits per form
   python benchmarks/read_forms.py --workdir=runs/resnet --limit=300 --forms=tight8,binary16
 
-Every form of `hwrjax.forms.FORMS` (tight crops at 8-32 px, binarized, few grey levels,
+Every form of `tests.support.forms.FORMS` (tight crops at 8-32 px, binarized, few grey levels,
 stretched to fill the box, dark or light ink, hard-pixel upscaled, inside a form's box,
 stained) is rendered from the first --limit MNIST test digits, written as PNG and read
 through the same path as `hwrjax predict --mode=digit` (`Recognizer.recognize`, which
@@ -60,8 +60,9 @@ def _read(recognizer, images: list[np.ndarray], labels: np.ndarray) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     from configs import default
-    from hwrjax import data, forms
-    from hwrjax.recognize import Recognizer, quiet_loading
+    from hwrjax.apps.recognize import quiet_loading, Recognizer
+    from hwrjax.training import data
+    from tests.support import forms
 
     test = data.load_split(data.ensure_prepared(default.get_config()), "test")
     images, labels = test.images[: FLAGS.limit, ..., 0], test.labels[: FLAGS.limit].astype(np.int64)

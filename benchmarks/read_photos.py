@@ -3,14 +3,14 @@
   python benchmarks/read_photos.py --workdir=runs/resnet                  # whole test set
   python benchmarks/read_photos.py --workdir=runs/resnet --limit=2000 --numbers=500
 
-Digits: every test image (or the first --limit) is rendered by `hwrjax.synth.render_photo`
+Digits: every test image (or the first --limit) is rendered by `tests.support.synth.render_photo`
 (8x upscale, dark ink on light paper of random tone, off centre on a sheet 1.5x larger,
 lighting gradient, blur, noise; every other one in colour with a black or blue pen) and
 read twice by the model of --workdir (best checkpoint):
 
   * through the full preprocessing path (`Recognizer.prepare(..., mode="digit")`), and
   * naively: the photo converted to grey and resized to 28x28, nothing else, which is what
-    a user gets without hwrjax.preprocess.
+    a user gets without hwrjax.apps.preprocess.
 
 Numbers: --numbers photos of 2 to 6 test digits side by side (`synth.render_number`,
 touching strokes in 10% of the gaps) are split and read left to right; a number counts
@@ -52,7 +52,7 @@ _SPAWN = multiprocessing.get_context("spawn")
 
 
 def _load_test(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from hwrjax.data import hide_accelerators_from_tensorflow
+    from hwrjax.training.data import hide_accelerators_from_tensorflow
 
     hide_accelerators_from_tensorflow()
     import tensorflow_datasets as tfds
@@ -82,7 +82,8 @@ def _png(photo: np.ndarray) -> bytes:
 
 def _digit_job(args: tuple[np.ndarray, int, int]) -> tuple[np.ndarray, np.ndarray, float]:
     """Renders and prepares a chunk of digits; returns (prepared, naive, preprocess seconds)."""
-    from hwrjax import preprocess, synth
+    from hwrjax.apps import preprocess
+    from tests.support import synth
 
     digits, seed, start = args
     prepared, naive, spent = [], [], 0.0
@@ -98,7 +99,8 @@ def _digit_job(args: tuple[np.ndarray, int, int]) -> tuple[np.ndarray, np.ndarra
 
 def _number_job(args: tuple[list[np.ndarray], int, int]) -> list[np.ndarray | None]:
     """Renders and splits one chunk of numbers; None where the splitter raised."""
-    from hwrjax import preprocess, synth
+    from hwrjax.apps import preprocess
+    from tests.support import synth
 
     numbers, seed, start = args
     out = []
@@ -114,7 +116,7 @@ def _number_job(args: tuple[list[np.ndarray], int, int]) -> list[np.ndarray | No
 
 def main(argv: list[str]) -> None:
     del argv
-    from hwrjax.recognize import Recognizer, quiet_loading
+    from hwrjax.apps.recognize import quiet_loading, Recognizer
 
     workers = FLAGS.workers or os.cpu_count() or 1
     images, labels = _load_test(FLAGS.data_dir or os.environ.get("TFDS_DATA_DIR"))

@@ -10,9 +10,9 @@ at the end. Only loopback addresses are accepted. Each client is a thread with o
 keep-alive connection sending requests back to back.
 
 --images=drawing (default) sends what the drawing page sends: a digit drawn with the
-page's pen on its 640x256 canvas, downscaled as the page does (hwrjax/static/index.html,
+page's pen on its 640x256 canvas, downscaled as the page does (hwrjax/apps/static/index.html,
 UPLOAD_SCALE) to a 160x64 PNG, in the page's default mode (number). --images=photo sends
-~340 px synthetic photos of printed digits (hwrjax.synth) instead.
+~340 px synthetic photos of printed digits (tests.support.synth) instead.
 
 --hostile repeats each phase while attackers run alongside the normal clients:
   * --bombs threads each POST, back to back, one of: a decompression bomb (a 30000x30000
@@ -53,7 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hwrjax import synth  # noqa: E402
+from tests.support import synth  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "", "Start a server for this training workdir (else use --url).")
@@ -74,7 +74,7 @@ flags.DEFINE_integer("idle", 200, "Silent connections held open (with --hostile)
 flags.DEFINE_list("server_flags", [], "Extra flags for `hwrjax serve` (with --workdir), e.g. --max-batch=32.")
 flags.DEFINE_string("output", "", "Optional JSON file for the figures.")
 
-CANVAS = (640, 256)  # the page's canvas (width, height) and pen width, as in hwrjax/static/index.html
+CANVAS = (640, 256)  # the page's canvas (width, height) and pen width, as in hwrjax/apps/static/index.html
 PEN = 16
 UPLOAD_SCALE = 4
 

@@ -27,7 +27,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import time_alternating  # noqa: E402
-from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa: E402
+from hwrjax.core import augment  # noqa: E402
+from hwrjax import models
+from hwrjax.core import losses, optim, rng, train_state
+from hwrjax.core import steps as steps_lib
+from hwrjax.training import loop, parallel
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "cnn", "mlp"], "Recipes under configs/ to measure.")
@@ -45,21 +49,21 @@ def measure(name: str) -> dict:
     tx = optim.make_optimizer(config, optim.make_schedule(config, FLAGS.num_train // b, config.num_epochs))
     keys = rng.RunKeys.from_seed(0)
     loss_fn = losses.get_loss(config.loss)
-    state = train.create_train_state(model, tx, keys.init)
+    state = train_state.create_train_state(model, tx, keys.init)
     data_rng = np.random.default_rng(0)
     images = jnp.asarray(data_rng.integers(0, 256, (FLAGS.num_train, 28, 28, 1), dtype=np.uint8))
     labels = jnp.asarray(data_rng.integers(0, 10, FLAGS.num_train).astype(np.int32))
-    batch = {"image": train.to_float_images(images[:b]), "label": labels[:b]}
+    batch = {"image": steps_lib.to_float_images(images[:b]), "label": labels[:b]}
 
-    plain = jax.jit(lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn), donate_argnums=(0,))
+    plain = jax.jit(lambda s, bt, k: steps_lib.train_step(s, bt, k, loss_fn=loss_fn), donate_argnums=(0,))
     start = time.perf_counter()
     compiled = plain.lower(state, batch, keys.dropout).compile()
     compile_s = time.perf_counter() - start
-    batch_fn, step_fn = train.make_batch_fn(augment.AugmentParams.from_config(config.augment), keys,
-                                            FLAGS.num_train, b, mesh), train.make_step_fn(loss_fn, keys)
+    batch_fn, step_fn = steps_lib.make_batch_fn(augment.AugmentParams.from_config(config.augment), keys,
+                                                FLAGS.num_train, b, mesh), steps_lib.make_step_fn(loss_fn, keys)
     steps_per_epoch = FLAGS.num_train // b
-    pipeline = train.InputPipeline(batch_fn, images, labels, keys.order, FLAGS.num_train, steps_per_epoch,
-                                   total_steps=2**30)
+    pipeline = loop.InputPipeline(batch_fn, images, labels, keys.order, FLAGS.num_train, steps_per_epoch,
+                                  total_steps=2**30)
     calls = {"n": 0}
 
     def pipelined(s):
@@ -74,7 +78,7 @@ def measure(name: str) -> dict:
         return s, metrics
 
     fns = {"step": lambda s: compiled(s, batch, keys.dropout), "train": pipelined}
-    states = {"step": state, "train": train.create_train_state(model, tx, keys.init)}
+    states = {"step": state, "train": train_state.create_train_state(model, tx, keys.init)}
     for key, fn in fns.items():  # the first calls of each compile / warm up
         for _ in range(FLAGS.steps if key == "train" else 1):
             states[key], metrics = fn(states[key])

@@ -30,7 +30,8 @@ class RecipeStep:
     reuses the trace of a function it has already seen (e.g. across a change of layers' settings)."""
 
     def __init__(self, config):
-        from hwrjax import losses, models, optim, rng
+        from hwrjax import models
+        from hwrjax.core import losses, optim, rng
 
         self.batch_size = b = config.batch_size
         self.model = models.create_model(config.model, 10, dtype=config.dtype)
@@ -42,14 +43,14 @@ class RecipeStep:
                       "label": jax.numpy.asarray(data.integers(0, 10, b).astype(np.int32))}
 
     def new_state(self):
-        from hwrjax import train
+        from hwrjax.core import train_state
 
-        return train.create_train_state(self.model, self.tx, self.keys.init)
+        return train_state.create_train_state(self.model, self.tx, self.keys.init)
 
     def new_step(self):
-        from hwrjax import train
+        from hwrjax.core import steps as steps_lib
 
-        return lambda s, bt, k: train.train_step(s, bt, k, loss_fn=self.loss_fn)
+        return lambda s, bt, k: steps_lib.train_step(s, bt, k, loss_fn=self.loss_fn)
 
     def compile(self, **jit_kwargs):
         return jax.jit(self.new_step(), **jit_kwargs).lower(self.new_state(), self.batch, self.keys.dropout).compile()

@@ -28,7 +28,10 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hwrjax import losses, models, optim, rng, train  # noqa: E402
+from hwrjax.core import losses  # noqa: E402
+from hwrjax import models
+from hwrjax.core import optim, rng, train_state
+from hwrjax.core import steps as steps_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "resnet", "Recipe under configs/ whose ResNet is measured.")
@@ -108,9 +111,9 @@ def main(argv: list[str]) -> None:
     model = models.create_model(config.model, 10, dtype=config.dtype)
     tx = optim.make_optimizer(config, optim.make_schedule(config, 100, config.num_epochs))
     keys = rng.RunKeys.from_seed(0)
-    state = train.create_train_state(model, tx, keys.init)
+    state = train_state.create_train_state(model, tx, keys.init)
     loss_fn = losses.get_loss(config.loss)
-    step = jax.jit(lambda s, bt, k: train.train_step(s, bt, k, loss_fn=loss_fn), donate_argnums=(0,))
+    step = jax.jit(lambda s, bt, k: steps_lib.train_step(s, bt, k, loss_fn=loss_fn), donate_argnums=(0,))
     batch = jax.device_put({"image": images, "label": labels})
     t0 = time.perf_counter()
     state, metrics = step(state, batch, keys.dropout)

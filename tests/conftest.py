@@ -16,7 +16,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
-# Likewise one decoded-dataset cache for the session (hwrjax.data), empty at the start.
+# Likewise one decoded-dataset cache for the session (hwrjax.training.data), empty at the start.
 if "HWRJAX_DATA_CACHE_DIR" not in os.environ:
     _DATA_CACHE = tempfile.mkdtemp(prefix="hwrjax-test-data-cache-")
     os.environ["HWRJAX_DATA_CACHE_DIR"] = _DATA_CACHE
@@ -27,7 +27,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
-from hwrjax import checkpoint, models, optim, train  # noqa: E402
+from hwrjax.training import checkpoint  # noqa: E402
+from hwrjax import models
+from hwrjax.apps import train
+from hwrjax.core import optim, train_state
 
 
 def make_workdir(path: str, config=None, seed: int = 0) -> str:
@@ -39,7 +42,7 @@ def make_workdir(path: str, config=None, seed: int = 0) -> str:
     model = models.create_model(config.model, num_classes=10, dtype=config.dtype)
     tx = optim.make_optimizer(config, optim.make_schedule(config, 10, config.num_epochs))
     # One compiled init instead of dozens of op-by-op dispatches.
-    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(seed))
+    state = jax.jit(lambda k: train_state.create_train_state(model, tx, k))(jax.random.key(seed))
     ckpt = checkpoint.Checkpointer(path, keep=2, async_save=False)
     meta = {"best_val_accuracy": 0.1, "best_step": 0, "epochs_without_improvement": 0,
             "stopped_early": False, "wall_time_s": 0.0}

@@ -15,7 +15,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import resnet  # noqa: E402
-from hwrjax import augment, losses, models, optim, parallel, rng, train  # noqa: E402
+from hwrjax.core import augment  # noqa: E402
+from hwrjax import models
+from hwrjax.core import losses, optim, rng, train_state
+from hwrjax.core import steps as steps_lib
+from hwrjax.training import parallel
 
 
 EARLY_STEPS = 3  # BN statistics are also recorded after this many steps, before rounding drift compounds
@@ -32,15 +36,15 @@ def main(mode: str, steps: int) -> None:
         images[i, 2 * y:2 * y + 4, 4:24, 0] = 200
     images = np.clip(images + data.integers(0, 60, images.shape), 0, 255).astype(np.uint8)
     keys = rng.RunKeys.from_seed(0)
-    model = models.create_model(c.model, 10, bn_axis_name=train.PMAP_AXIS if mode == "pmap" else None)
+    model = models.create_model(c.model, 10, bn_axis_name=steps_lib.PMAP_AXIS if mode == "pmap" else None)
     tx = optim.make_optimizer(c, optim.make_schedule(c, num_train // batch, 4))
-    state = train.init_ema(train.create_train_state(model, tx, keys.init))
+    state = train_state.init_ema(train_state.create_train_state(model, tx, keys.init))
     aug = augment.AugmentParams.from_config(c.augment)
-    order = train.epoch_order(keys.order, 0, num_train)
+    order = steps_lib.epoch_order(keys.order, 0, num_train)
     losses_out, early = [], None
     if mode == "pmap":
         devices = jax.local_devices()
-        step = train.make_fused_pmap_step(losses.cross_entropy, aug, keys, num_train, batch, EMA_DECAY)
+        step = steps_lib.make_fused_pmap_step(losses.cross_entropy, aug, keys, num_train, batch, EMA_DECAY)
         state = parallel.replicate_for_pmap(state, devices)
         args = [parallel.replicate_for_pmap(a, devices) for a in (images, labels, np.asarray(order))]
         for _ in range(steps):
@@ -52,7 +56,7 @@ def main(mode: str, steps: int) -> None:
     else:
         mesh = parallel.make_mesh()
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        step = train.make_fused_train_step(losses.cross_entropy, aug, keys, num_train, batch, mesh, EMA_DECAY)
+        step = steps_lib.make_fused_train_step(losses.cross_entropy, aug, keys, num_train, batch, mesh, EMA_DECAY)
         state = jax.device_put(state, sharding)
         args = [parallel.put_replicated(a, sharding) for a in (images, labels, np.asarray(order))]
         for _ in range(steps):

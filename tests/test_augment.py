@@ -9,8 +9,8 @@ import pytest
 from scipy import ndimage
 
 from configs import default
-from hwrjax.augment import AugmentParams, augment_batch
-from hwrjax.errors import ConfigError
+from hwrjax.core.augment import augment_batch, AugmentParams
+from hwrjax.core.errors import ConfigError
 
 FULL = AugmentParams(rotation_deg=15, scale=0.15, translate_px=3, shear_deg=10, elastic_alpha=2.0, elastic_sigma=3.0)
 
@@ -301,15 +301,17 @@ def test_all_transforms_split_over_devices_match_the_whole_batch():
 
 
 def test_labels_are_untouched_by_the_batch_program():
-    from hwrjax import parallel, rng, train
+    from hwrjax.core import rng
+    from hwrjax.core import steps as steps_lib
+    from hwrjax.training import parallel
 
     n, b = 64, 16
     images = jnp.asarray((np.asarray(_grey_digits(n)) * 255).astype(np.uint8))
     labels = jnp.asarray(np.arange(n, dtype=np.int32) % 10)
     keys = rng.RunKeys.from_seed(0)
-    order = train.epoch_order(keys.order, 0, n)
-    plain = train.make_batch_fn(AugmentParams(), keys, n, b, parallel.make_mesh())
-    augmented = train.make_batch_fn(ALL_WRITER, keys, n, b, parallel.make_mesh())
+    order = steps_lib.epoch_order(keys.order, 0, n)
+    plain = steps_lib.make_batch_fn(AugmentParams(), keys, n, b, parallel.make_mesh())
+    augmented = steps_lib.make_batch_fn(ALL_WRITER, keys, n, b, parallel.make_mesh())
     for step in (0, 3):
         a, p = augmented(images, labels, order, step), plain(images, labels, order, step)
         np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(labels)[np.asarray(order)[step * b:(step + 1) * b]])

@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hwrjax import layers, models
+from hwrjax import models
+from hwrjax.models import layers
 
 # A smooth activation, so that central finite differences are accurate (a ReLU's kinks between
 # x - eps and x + eps would not be); the custom derivatives under test are the Conv's and max pool's.

@@ -15,8 +15,10 @@ import pytest
 
 import hwrjax
 from configs import resnet as resnet_config
-from hwrjax import batch_stats, checkpoint, data, train
-from hwrjax.errors import ConfigError
+from hwrjax.apps import train
+from hwrjax.core import batch_stats
+from hwrjax.core.errors import ConfigError
+from hwrjax.training import checkpoint, config_checks, data
 from test_ema import _evaluate, _lines
 from test_ema import _smoke as _ema_smoke
 
@@ -87,7 +89,7 @@ def test_config_is_checked_before_training(bad, message):
     c = resnet_config.get_config("smoke")
     c.batch_stats_examples = bad
     with pytest.raises(ConfigError, match=message):
-        train.validate_config(c, 1)
+        config_checks.validate_config(c, 1)
 
 
 def _smoke(examples: int):

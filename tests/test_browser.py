@@ -19,8 +19,8 @@ import tempfile
 import httpx
 import pytest
 
-from hwrjax.recognize import Recognizer
-from hwrjax.serve import create_app, serve_in_thread
+from hwrjax.apps.recognize import Recognizer
+from hwrjax.apps.serve import create_app, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -11,8 +11,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from hwrjax.recognize import Recognizer
-from hwrjax.serve import create_app, serve_in_thread
+from hwrjax.apps.recognize import Recognizer
+from hwrjax.apps.serve import create_app, serve_in_thread
 from test_browser import ONE, SEVEN, browser, draw, wait_for_reading  # noqa: F401 (browser is a fixture)
 from test_recognize import shared_untrained_workdir
 

@@ -1,4 +1,4 @@
-"""Calibrated probabilities (hwrjax.calibration), "unsure" readings and labelled folders as a split.
+"""Calibrated probabilities (hwrjax.inference.calibration), "unsure" readings and labelled folders as a split.
 
 The fitted temperature is checked on synthetic logits drawn at a known temperature; the
 trained checks use one smoke run of the fast recipe (label smoothing 0.1) on real MNIST.
@@ -18,9 +18,13 @@ from PIL import Image
 
 import conftest
 from configs import fast
-from hwrjax import calibration, evaluate, labelled, metrics, runlock, train
-from hwrjax.errors import CheckpointError, DataError
-from hwrjax.recognize import Reading, Recognizer, predict_main
+from hwrjax.apps import evaluate, labelled, train
+from hwrjax.apps.recognize import Reading, Recognizer
+from hwrjax.cli import evaluate as evaluate_cli
+from hwrjax.cli.predict import predict_main
+from hwrjax.core.errors import CheckpointError, DataError
+from hwrjax.inference import calibration, loader, metrics, predict
+from hwrjax.training import runlock
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -139,14 +143,14 @@ def validation(smoke_run):
 
 def test_training_stores_the_temperature_of_its_best_checkpoint(smoke_run, validation):
     workdir, _ = smoke_run
-    model = evaluate.load_model(workdir)
+    model = loader.load_model(workdir)
     record = calibration.read_calibration(workdir)[model.step]
     assert model.temperature == record["temperature"] and model.calibration == record
     # Label smoothing leaves the network underconfident: the fit sharpens it and lowers NLL and ECE.
     assert record["temperature"] < 1.0
     assert record["nll_after"] < record["nll_before"] and record["ece_after"] < record["ece_before"]
     images, labels = validation
-    refit = calibration.fit_temperature(evaluate.predict_logits(model, images), labels)
+    refit = calibration.fit_temperature(predict.predict_logits(model, images), labels)
     assert refit == pytest.approx(record["temperature"], rel=1e-4)
     with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
         assert json.load(f)["temperature"] == record["temperature"]
@@ -155,8 +159,8 @@ def test_training_stores_the_temperature_of_its_best_checkpoint(smoke_run, valid
 def test_a_typical_digit_reads_near_certain(smoke_run, validation):
     workdir, _ = smoke_run
     images, labels = validation
-    model = evaluate.load_model(workdir)
-    raw, calibrated = evaluate.predict_both(model, images)
+    model = loader.load_model(workdir)
+    raw, calibrated = predict.predict_both(model, images)
     right = np.flatnonzero(raw.argmax(1) == labels)
     # A typical digit the model reads right: the median confidence among them.
     typical = int(right[np.argsort(raw.max(1)[right])[len(right) // 2]])
@@ -188,28 +192,28 @@ def test_evaluate_reports_calibration_before_and_after(smoke_run, tmp_path):
     assert plain["ece"] == pytest.approx(c["uncalibrated_ece"], abs=1e-6)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert evaluate.evaluate_main([f"--workdir={bare}", "--split=validation", "--no_tensorboard"]) == 0
+        assert evaluate_cli.evaluate_main([f"--workdir={bare}", "--split=validation", "--no_tensorboard"]) == 0
     assert "uncalibrated (T=1)" in out.getvalue() and "hwrjax calibrate" in out.getvalue()
     # `hwrjax calibrate` fits it for a run that lacks it: the same temperature training stored; not while
     # a run holds the workdir.
     with runlock.acquire(bare), contextlib.redirect_stderr(io.StringIO()) as err:
-        assert evaluate.calibrate_main([f"--workdir={bare}"]) == 2
+        assert evaluate_cli.calibrate_main([f"--workdir={bare}"]) == 2
     assert "in use by another run" in err.getvalue() and not os.path.exists(calibration.calibration_path(bare))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert evaluate.calibrate_main([f"--workdir={bare}"]) == 0
+        assert evaluate_cli.calibrate_main([f"--workdir={bare}"]) == 0
     assert calibration.load_temperature(bare, plain["checkpoint_steps"][0])[0] == pytest.approx(
         c["temperatures"][0], rel=1e-4)
 
 
 def test_exported_function_is_calibrated(smoke_run, validation):
-    from hwrjax import export
+    from hwrjax.apps import export
 
     workdir, _ = smoke_run
     images = validation[0][:16]
-    model = evaluate.load_model(workdir)
+    model = loader.load_model(workdir)
     fn = export.inference_function(model)
-    np.testing.assert_allclose(np.asarray(fn(images.astype(np.float32) / 255.0)), evaluate.predict_probs(model, images),
+    np.testing.assert_allclose(np.asarray(fn(images.astype(np.float32) / 255.0)), predict.predict_probs(model, images),
                                atol=1e-5)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from hwrjax import data
-from hwrjax.errors import ConfigError, DataError
+from hwrjax.core.errors import ConfigError, DataError
+from hwrjax.training import data
 
 
 def _config(**dataset):

@@ -12,31 +12,34 @@ import pytest
 
 import hwrjax
 from configs import resnet as resnet_config
-from hwrjax import checkpoint, data, evaluate, losses, parallel, train
-from hwrjax.errors import ConfigError
+from hwrjax.apps import train
+from hwrjax.core import losses, train_state
+from hwrjax.core.errors import ConfigError
+from hwrjax.inference import loader
+from hwrjax.training import checkpoint, config_checks, data, loop, parallel
 from test_train import TinyNet, _toy_batch
 
 
 def test_update_ema_follows_the_ramped_recurrence():
     rng = np.random.default_rng(0)
-    state = train.TrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=optax.sgd(0.1),
-                                    batch_stats={"mean": jnp.ones(2)})
-    state = train.init_ema(state)
+    state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=optax.sgd(0.1),
+                                          batch_stats={"mean": jnp.ones(2)})
+    state = train_state.init_ema(state)
     expected_w, expected_mean = np.zeros(3), np.ones(2)
     decay = 0.95
     for t in range(1, 80):
         w, mean = rng.normal(size=3).astype(np.float32), rng.normal(size=2).astype(np.float32)
         state = state.replace(step=t, params={"w": jnp.asarray(w)}, batch_stats={"mean": jnp.asarray(mean)})
-        state = jax.jit(train.update_ema, static_argnums=1)(state, decay)
+        state = jax.jit(train_state.update_ema, static_argnums=1)(state, decay)
         d = min(decay, (1 + t) / (10 + t))  # the ramp reaches the cap 0.95 at t = 170: checked below
         expected_w = d * expected_w + (1 - d) * w
         expected_mean = d * expected_mean + (1 - d) * mean
         np.testing.assert_allclose(np.asarray(state.ema["params"]["w"]), expected_w, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state.ema["batch_stats"]["mean"]), expected_mean, rtol=1e-5, atol=1e-6)
     # The decay ramps from 2/11 at the first step and is capped at `decay`.
-    assert float(train.ema_decay_at(0.999, 1)) == pytest.approx(2 / 11)
-    assert float(train.ema_decay_at(0.95, 10_000)) == pytest.approx(0.95)
-    assert float(train.ema_decay_at(0.999, 100)) == pytest.approx(101 / 110)
+    assert float(train_state.ema_decay_at(0.999, 1)) == pytest.approx(2 / 11)
+    assert float(train_state.ema_decay_at(0.95, 10_000)) == pytest.approx(0.95)
+    assert float(train_state.ema_decay_at(0.999, 100)) == pytest.approx(101 / 110)
 
 
 def test_public_api_keeps_an_average_of_a_user_model():
@@ -54,7 +57,7 @@ def test_public_api_keeps_an_average_of_a_user_model():
     result = hwrjax.summarize_eval(jax.device_get(hwrjax.eval_step(avg, batch)))
     assert result["accuracy"] > 0.9
     # Inference helpers given the state use the average, as they would from its checkpoint.
-    loaded = evaluate.as_loaded_model(state)
+    loaded = loader.as_loaded_model(state)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded.variables["params"]),
                                                     jax.tree.leaves(avg.params)))
 
@@ -64,7 +67,7 @@ def test_ema_decay_out_of_range_is_refused():
     for bad in (1.0, -0.1, 1.5):
         c.ema_decay = bad
         with pytest.raises(ConfigError, match="config.ema_decay must be in"):
-            train.validate_config(c, 1)
+            config_checks.validate_config(c, 1)
 
 
 def _smoke(ema_decay: float):
@@ -83,9 +86,9 @@ def _lines(workdir: str, key: str) -> list:
 def _evaluate(variables: dict, config, split) -> dict:
     mesh = parallel.make_mesh()
     model = hwrjax.create_model(config.model, 10)
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.0),
-                                    batch_stats=variables["batch_stats"])
-    return train.make_evaluate(losses.get_loss(config.loss), mesh)(state, train.EvalSet(split, 250, mesh))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.0),
+                                          batch_stats=variables["batch_stats"])
+    return loop.make_evaluate(losses.get_loss(config.loss), mesh)(state, loop.EvalSet(split, 250, mesh))
 
 
 def test_a_run_validates_selects_and_delivers_the_average(tmp_path, require_mnist):

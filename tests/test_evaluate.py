@@ -1,4 +1,4 @@
-"""hwrjax.evaluate on real MNIST slices: reports, ensembles, TTA, pictures, compare, errors."""
+"""hwrjax.apps.evaluate on real MNIST slices: reports, ensembles, TTA, pictures, compare, errors."""
 
 import contextlib
 import io
@@ -15,8 +15,12 @@ import pytest
 from PIL import Image
 
 import conftest
-from hwrjax import checkpoint, data, evaluate, metrics, train
-from hwrjax.errors import CheckpointError, DataError
+from hwrjax.apps import evaluate
+from hwrjax.cli import evaluate as evaluate_cli
+from hwrjax.core import train_state
+from hwrjax.core.errors import CheckpointError, DataError
+from hwrjax.inference import loader, metrics, predict
+from hwrjax.training import checkpoint, data
 
 SPLIT = "test[:200]"
 N = 200
@@ -83,7 +87,7 @@ def test_slice(runs):
 
 @pytest.fixture(scope="module")
 def single(runs):
-    rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={runs['a']}", f"--split={SPLIT}")
+    rc, out, err = _cli(evaluate_cli.evaluate_main, f"--workdir={runs['a']}", f"--split={SPLIT}")
     assert rc == 0, err
     path = os.path.join(runs["a"], "report", "test_0-200_metrics.json")
     with open(path) as f:
@@ -101,7 +105,7 @@ def test_report_json_fields_and_counts(single, runs, test_slice):
     assert np.asarray(report["confusion_matrix"]).sum() == N and len(report["per_class"]) == 10
     for key in ("accuracy", "loss", "top2_accuracy", "macro_f1", "ece", "misclassified", "most_confident_mistakes"):
         assert key in report
-    probs = evaluate.predict_probs(runs["a"], images)
+    probs = predict.predict_probs(runs["a"], images)
     assert probs.shape == (N, 10) and probs.dtype == np.float32
     assert report["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
     assert report["loss"] == pytest.approx(metrics.classification_report(labels, probs)["loss"], abs=1e-6)
@@ -114,13 +118,13 @@ def test_report_of_a_bce_run_says_its_sigmoids_are_normalized(runs, test_slice, 
     config.loss.name = "bce"
     bce = conftest.make_workdir(str(tmp_path / "bce"), config, seed=4)
     images, labels = test_slice
-    rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={bce}", "--no_tensorboard")
+    rc, out, err = _cli(evaluate_cli.evaluate_main, f"--workdir={bce}", "--no_tensorboard")
     assert rc == 0, err
     with open(os.path.join(bce, "report", "test_metrics.json")) as f:
         report = json.load(f)
     assert report["probabilities"] == "sigmoid per class, normalized to sum to 1"
     assert "probabilities: sigmoid per class, normalized to sum to 1" in out
-    probs = evaluate.predict_probs(bce, images)
+    probs = predict.predict_probs(bce, images)
     assert report["loss"] == pytest.approx(metrics.classification_report(labels, probs)["loss"], abs=1e-6)
     # An ensemble of a softmax and a sigmoid member names both readings.
     mixed = evaluate.evaluate([runs["a"], bce], split=SPLIT)
@@ -128,7 +132,7 @@ def test_report_of_a_bce_run_says_its_sigmoids_are_normalized(runs, test_slice, 
 
 
 def test_test_alias_is_the_runs_test_split_and_keeps_training_fields(runs):
-    rc, _, err = _cli(evaluate.evaluate_main, "--workdir", runs["a"], "--no_tensorboard")
+    rc, _, err = _cli(evaluate_cli.evaluate_main, "--workdir", runs["a"], "--no_tensorboard")
     assert rc == 0, err
     with open(os.path.join(runs["a"], "report", "test_metrics.json")) as f:
         report = json.load(f)
@@ -142,10 +146,10 @@ def test_test_alias_is_the_runs_test_split_and_keeps_training_fields(runs):
 
 def test_ensemble_averages_member_probabilities(runs, test_slice):
     images, labels = test_slice
-    pa, pb = evaluate.predict_probs(runs["a"], images), evaluate.predict_probs(runs["b"], images)
+    pa, pb = predict.predict_probs(runs["a"], images), predict.predict_probs(runs["b"], images)
     assert not np.allclose(pa, pb, atol=1e-3)  # different seeds, different models
     mean = (pa.astype(np.float64) + pb) / 2
-    np.testing.assert_allclose(evaluate.ensemble_probs([runs["a"], runs["b"]], images), mean, atol=1e-6)
+    np.testing.assert_allclose(predict.ensemble_probs([runs["a"], runs["b"]], images), mean, atol=1e-6)
     report = evaluate.evaluate([runs["a"], runs["b"]], split=SPLIT)
     expected = metrics.classification_report(labels, mean)
     assert report["ensemble_size"] == 2 and report["checkpoint_steps"] == [0, 0]
@@ -155,20 +159,20 @@ def test_ensemble_averages_member_probabilities(runs, test_slice):
 
 def test_tta_is_deterministic_and_one_view_is_no_tta(runs, test_slice):
     images, _ = test_slice
-    model = evaluate.load_model(runs["a"])
-    plain = evaluate.predict_probs(model, images)
-    np.testing.assert_array_equal(evaluate.predict_probs(model, images, tta=1), plain)
-    tta = evaluate.predict_probs(model, images, tta=4)
-    np.testing.assert_array_equal(evaluate.predict_probs(model, images, tta=4), tta)
+    model = loader.load_model(runs["a"])
+    plain = predict.predict_probs(model, images)
+    np.testing.assert_array_equal(predict.predict_probs(model, images, tta=1), plain)
+    tta = predict.predict_probs(model, images, tta=4)
+    np.testing.assert_array_equal(predict.predict_probs(model, images, tta=4), tta)
     assert not np.allclose(tta, plain, atol=1e-4)
     np.testing.assert_allclose(tta.sum(1), 1.0, atol=1e-5)
     # An image's views do not depend on the other images of its batch or its position.
-    np.testing.assert_allclose(evaluate.predict_probs(model, images[::-1], tta=4)[::-1], tta, atol=1e-5)
+    np.testing.assert_allclose(predict.predict_probs(model, images[::-1], tta=4)[::-1], tta, atol=1e-5)
 
 
 def test_ensemble_tta_report_gets_its_own_file(single, runs):
     before = open(single["path"]).read()
-    rc, out, err = _cli(evaluate.evaluate_main, "--workdir", runs["a"], "--workdir", runs["b"],
+    rc, out, err = _cli(evaluate_cli.evaluate_main, "--workdir", runs["a"], "--workdir", runs["b"],
                         f"--split={SPLIT}", "--tta=3", "--no_tensorboard")
     assert rc == 0, err
     with open(os.path.join(runs["a"], "report", "test_0-200_ensemble2_tta3_metrics.json")) as f:
@@ -207,12 +211,12 @@ def test_pictures_and_tensorboard_images(single, runs):
 
 def test_write_training_report_from_a_train_state(runs, test_slice, tmp_path):
     images, labels = test_slice
-    loaded = evaluate.load_model(runs["a"])
+    loaded = loader.load_model(runs["a"])
     # What train.py has at the end of training: a TrainState.
-    state = train.TrainState.create(apply_fn=loaded.apply_fn, params=loaded.variables["params"],
-                                    tx=optax.sgd(0.1), batch_stats=loaded.variables["batch_stats"])
-    probs = evaluate.predict_probs(state, images, batch_size=runs["config"].eval_batch_size)
-    np.testing.assert_array_equal(probs, evaluate.predict_probs(loaded, images))
+    state = train_state.TrainState.create(apply_fn=loaded.apply_fn, params=loaded.variables["params"],
+                                          tx=optax.sgd(0.1), batch_stats=loaded.variables["batch_stats"])
+    probs = predict.predict_probs(state, images, batch_size=runs["config"].eval_batch_size)
+    np.testing.assert_array_equal(probs, predict.predict_probs(loaded, images))
     shutil.copy(os.path.join(runs["a"], "metrics.jsonl"), tmp_path / "metrics.jsonl")
     test = evaluate.SplitPredictions(images, labels, probs, ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"))
     paths = evaluate.write_training_report(str(tmp_path), None, test, step=64)
@@ -228,7 +232,7 @@ def test_write_training_report_from_a_train_state(runs, test_slice, tmp_path):
 
 
 def test_compare_prints_every_workdir(runs):
-    rc, out, err = _cli(evaluate.compare_main, runs["a"], runs["b"])
+    rc, out, err = _cli(evaluate_cli.compare_main, runs["a"], runs["b"])
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split() == ["workdir", "model", "params", "epochs", "wall_time_s", "val_accuracy",
@@ -252,27 +256,27 @@ def test_subprocess_evaluate(runs, tmp_path):
 
 def test_errors_are_one_line(runs, tmp_path):
     # The split is checked before any model is loaded: this workdir has no checkpoint.
-    line = _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", runs["empty"], "--split=bogus")[::2])
+    line = _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", runs["empty"], "--split=bogus")[::2])
     assert "unknown split 'bogus'" in line and all(s in line for s in ("test", "validation", "train"))
-    line = _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", runs["empty"], f"--split={SPLIT}")[::2])
+    line = _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", runs["empty"], f"--split={SPLIT}")[::2])
     assert "no checkpoint" in line
-    line = _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", runs["a"], "--split=test[:20000]")[::2])
+    line = _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", runs["a"], "--split=test[:20000]")[::2])
     assert "unknown split" in line and "10000" in line
-    line = _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", runs["a"], "--workdir", runs["fashion"],
+    line = _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", runs["a"], "--workdir", runs["fashion"],
                                  f"--split={SPLIT}")[::2])
     assert "different datasets" in line and "fashion_mnist" in line
     with pytest.raises(CheckpointError, match="different datasets"):
-        evaluate.ensemble_probs([runs["a"], runs["fashion"]], np.zeros((2, 28, 28, 1), np.uint8))
-    line = _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", str(tmp_path / "missing"))[::2])
+        predict.ensemble_probs([runs["a"], runs["fashion"]], np.zeros((2, 28, 28, 1), np.uint8))
+    line = _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", str(tmp_path / "missing"))[::2])
     assert "not a directory" in line
-    assert "--workdir" in _one_line_error(*_cli(evaluate.evaluate_main)[::2])
-    assert "--tta" in _one_line_error(*_cli(evaluate.evaluate_main, "--workdir", runs["a"], "--tta=x")[::2])
-    line = _one_line_error(*_cli(evaluate.compare_main, runs["a"], str(tmp_path))[::2])
+    assert "--workdir" in _one_line_error(*_cli(evaluate_cli.evaluate_main)[::2])
+    assert "--tta" in _one_line_error(*_cli(evaluate_cli.evaluate_main, "--workdir", runs["a"], "--tta=x")[::2])
+    line = _one_line_error(*_cli(evaluate_cli.compare_main, runs["a"], str(tmp_path))[::2])
     assert "is not a training workdir" in line and str(tmp_path) in line
     with pytest.raises(DataError, match="uint8"):
-        evaluate.predict_probs(runs["a"], np.zeros((2, 28, 28, 1), np.float64))
+        predict.predict_probs(runs["a"], np.zeros((2, 28, 28, 1), np.float64))
     with pytest.raises(DataError, match=r"\[0, 1\]"):
-        evaluate.predict_probs(runs["a"], np.full((2, 28, 28, 1), 2.0, np.float32))
+        predict.predict_probs(runs["a"], np.full((2, 28, 28, 1), 2.0, np.float32))
 
 
 def test_checkpoint_that_does_not_match_config(runs, tmp_path):
@@ -282,7 +286,7 @@ def test_checkpoint_that_does_not_match_config(runs, tmp_path):
     config["model"]["stem_width"] = 4
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not match its config.json"):
-        evaluate.load_model(str(edited))
+        loader.load_model(str(edited))
 
 
 def test_report_stems_are_distinct():
@@ -334,7 +338,7 @@ def test_evaluate_of_a_trained_run_matches_an_independent_oracle(trained_workdir
     a = conftest.trained_config().loss.label_smoothing
     assert report["loss"] == pytest.approx((1 - a) * oracle["loss"] - a * oracle["mean_log_prob"], rel=1e-4)
 
-    rc, out, err = _cli(evaluate.evaluate_main, f"--workdir={trained_workdir}", "--no_tensorboard")
+    rc, out, err = _cli(evaluate_cli.evaluate_main, f"--workdir={trained_workdir}", "--no_tensorboard")
     assert rc == 0, err
     with open(os.path.join(trained_workdir, "report", "test_metrics.json")) as f:
         report = json.load(f)
@@ -350,16 +354,16 @@ def test_evaluate_of_a_trained_run_matches_an_independent_oracle(trained_workdir
     assert [c["support"] for c in report["per_class"]] == np.bincount(labels, minlength=10).tolist()
     # The Python API gives the oracle's probabilities, whatever the batch size (here not dividing N).
     for batch_size in (1000, 384):
-        probs = evaluate.predict_probs(trained_workdir, images, batch_size=batch_size)
+        probs = predict.predict_probs(trained_workdir, images, batch_size=batch_size)
         np.testing.assert_allclose(probs, oracle["calibrated_probs"], atol=1e-5)
-    np.testing.assert_allclose(evaluate.predict_probs(trained_workdir, images, calibrated=False), oracle["probs"],
+    np.testing.assert_allclose(predict.predict_probs(trained_workdir, images, calibrated=False), oracle["probs"],
                                atol=1e-5)
 
 
 def test_evaluate_reads_the_moving_average_not_the_raw_weights(trained_workdir, mnist_test_slice):
     images, labels = mnist_test_slice
     raw, _ = checkpoint.load_variables(trained_workdir, "best", average=False)
-    loaded = evaluate.load_model(trained_workdir)
+    loaded = loader.load_model(trained_workdir)
     # The run's raw weights and its average really differ, so reading the wrong ones shows.
     assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(jax.tree.leaves(raw),
                                                                  jax.tree.leaves(loaded.variables)))

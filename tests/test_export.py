@@ -1,4 +1,4 @@
-"""Tests for hwrjax.export: each artifact, run by its own runtime, must give JAX's predictions.
+"""Tests for hwrjax.apps.export: each artifact, run by its own runtime, must give JAX's predictions.
 
 The model is the session's trained BatchNorm convnet with a moving average (tests/conftest.py),
 checked on MNIST test digits it reads with a clear margin (far above the tolerances): the
@@ -20,8 +20,10 @@ import pytest
 import conftest
 from configs import mlp as mlp_config
 from conftest import make_workdir
-from hwrjax import evaluate, export
-from hwrjax.errors import HwrjaxError
+from hwrjax.apps import export
+from hwrjax.cli import export as export_cli
+from hwrjax.core.errors import HwrjaxError
+from hwrjax.inference import loader as loader_lib
 
 # Top-two probability gap every test input has under the reference: 500x the loosest tolerance.
 MARGIN = 0.05
@@ -79,7 +81,7 @@ def test_reference_reads_the_digits_with_a_clear_margin(run_dir, clear_digits):
 
 def test_stablehlo_cli_runs_without_hwrjax(run_dir, images, tmp_path, capsys):
     path = str(tmp_path / "model.stablehlo")
-    assert export.export_main([f"--workdir={run_dir}", "--format=stablehlo", f"--output={path}"]) == 0
+    assert export_cli.export_main([f"--workdir={run_dir}", "--format=stablehlo", f"--output={path}"]) == 0
     assert "stablehlo" in capsys.readouterr().out
     want = jax_probs(run_dir, images)
     np.save(tmp_path / "images.npy", images)
@@ -109,7 +111,7 @@ def test_stablehlo_fixed_batch_and_model_without_batchnorm(images, tmp_path):
     path = str(tmp_path / "mlp8.stablehlo")
     export.export_stablehlo(run, path, batch_size=8, platforms=("cpu",))
     fn = export.load_stablehlo(path)
-    m = evaluate.load_model(run)
+    m = loader_lib.load_model(run)
     want = np.asarray(jax.nn.softmax(m.apply_fn(m.variables, jnp.asarray(images[:8]), train=False), -1))
     check_same(fn(images[:8]), want, 1e-5)
     with pytest.raises(ValueError, match="exactly 8"):
@@ -133,7 +135,7 @@ def test_savedmodel(run_dir, images, tmp_path):
 
 def test_tflite_dynamic_batch_builtin_ops(run_dir, images, tmp_path, capsys):
     path = str(tmp_path / "model.tflite")
-    assert export.export_main([f"--workdir={run_dir}", "--format=tflite", f"--output={path}"]) == 0
+    assert export_cli.export_main([f"--workdir={run_dir}", "--format=tflite", f"--output={path}"]) == 0
     interpreter = export.tflite_interpreter(model_path=path)
     want = jax_probs(run_dir, images)
     check_same(export.run_tflite(interpreter, images), want, 1e-4)
@@ -156,7 +158,7 @@ def test_existing_output_is_never_overwritten(untrained_dir, tmp_path, capsys):
     folder.mkdir()
     for fmt, out in (("tflite", existing), ("stablehlo", existing), ("savedmodel", folder)):
         capsys.readouterr()
-        code = export.export_main([f"--workdir={untrained_dir}", f"--format={fmt}", f"--output={out}"])
+        code = export_cli.export_main([f"--workdir={untrained_dir}", f"--format={fmt}", f"--output={out}"])
         err = capsys.readouterr().err
         assert code == 2
         assert err.startswith("hwrjax: error:") and "already exists" in err and err.count("\n") == 1
@@ -183,15 +185,15 @@ def test_failed_export_leaves_nothing(untrained_dir, tmp_path, monkeypatch):
     (["--format=stablehlo", "--checkpoint=99"], "no checkpoint at step 99"),
 ])
 def test_bad_arguments_are_one_line_errors(untrained_dir, tmp_path, capsys, args, message):
-    code = export.export_main([f"--workdir={untrained_dir}", f"--output={tmp_path / 'out'}"] + args)
+    code = export_cli.export_main([f"--workdir={untrained_dir}", f"--output={tmp_path / 'out'}"] + args)
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_missing_workdir_and_unknown_format_in_python(tmp_path, capsys):
-    assert export.export_main([f"--workdir={tmp_path / 'nope'}", "--format=tflite",
-                               f"--output={tmp_path / 'o'}"]) == 2
+    assert export_cli.export_main([f"--workdir={tmp_path / 'nope'}", "--format=tflite",
+                                   f"--output={tmp_path / 'o'}"]) == 2
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(HwrjaxError, match="unknown export format"):
         export.export_model(str(tmp_path), "onnx", str(tmp_path / "o"))

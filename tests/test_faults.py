@@ -21,8 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hwrjax import checkpoint, evaluate, export, finetune, logs, recognize, runlock
-from hwrjax.errors import CheckpointError, Diverged, WorkdirBusy
+from hwrjax import models
+from hwrjax.cli import evaluate as evaluate_cli
+from hwrjax.cli import export as export_cli
+from hwrjax.cli import finetune as finetune_cli
+from hwrjax.cli import predict as predict_cli
+from hwrjax.core import train_state
+from hwrjax.core.errors import CheckpointError, Diverged, WorkdirBusy
+from hwrjax.inference import loader as loader_lib
+from hwrjax.training import checkpoint, logs, runlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A linear model trained by SGD on squared error with learning rate 2 grows its loss ~1000x a step
@@ -80,12 +87,12 @@ def _damage(path: str, kind: str) -> None:
 def _state(seed: int):
     from conftest import small_resnet_config
 
-    from hwrjax import models, optim, train
+    from hwrjax.core import optim
 
     config = small_resnet_config()
     model = models.create_model(config.model, num_classes=10, dtype=config.dtype)
     tx = optim.make_optimizer(config, optim.make_schedule(config, 10, config.num_epochs))
-    return jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(seed))
+    return jax.jit(lambda k: train_state.create_train_state(model, tx, k))(jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
@@ -119,16 +126,16 @@ def test_damaged_checkpoint_is_refused_by_every_loader(run_copy, kind, capsys, t
     with pytest.raises(CheckpointError, match="damaged"):
         checkpoint.load_variables(run_copy, "best")
     # The one model loader of predict, serve, evaluate, export and finetune refuses it in one line.
-    code, err = _cli(recognize.predict_main, capsys, f"--workdir={run_copy}", str(tmp_path))
+    code, err = _cli(predict_cli.predict_main, capsys, f"--workdir={run_copy}", str(tmp_path))
     assert "damaged" in _one_line(err, 2, code)
-    code, err = _cli(export.export_main, capsys, f"--workdir={run_copy}", "--format=stablehlo",
+    code, err = _cli(export_cli.export_main, capsys, f"--workdir={run_copy}", "--format=stablehlo",
                      f"--output={tmp_path / 'm'}")
     assert "damaged" in _one_line(err, 2, code)
-    code, err = _cli(finetune.finetune_main, capsys, f"--workdir={run_copy}", f"--samples={tmp_path}",
+    code, err = _cli(finetune_cli.finetune_main, capsys, f"--workdir={run_copy}", f"--samples={tmp_path}",
                      f"--output-workdir={tmp_path / 'tuned'}")
     assert "damaged" in _one_line(err, 2, code)
     with pytest.raises(CheckpointError, match="damaged"):
-        evaluate.load_model(run_copy, "best")
+        loader_lib.load_model(run_copy, "best")
     # The other checkpoints are untouched and still load.
     latest, step = checkpoint.load_variables(run_copy, "latest")
     assert step == 2 and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(latest), jax.tree.leaves(intact)))
@@ -326,11 +333,11 @@ def test_bad_launch_is_one_line(tmp_path, args, message):
 def test_damaged_config_json_is_one_line_in_every_command(untrained_workdir, tmp_path, capsys, content):
     with open(os.path.join(untrained_workdir, "config.json"), "w") as f:
         f.write(content)
-    code, err = _cli(recognize.predict_main, capsys, f"--workdir={untrained_workdir}", str(tmp_path))
+    code, err = _cli(predict_cli.predict_main, capsys, f"--workdir={untrained_workdir}", str(tmp_path))
     assert "config.json" in _one_line(err, 2, code)
-    code, err = _cli(evaluate.evaluate_main, capsys, f"--workdir={untrained_workdir}", f"--output={tmp_path}/r.json")
+    code, err = _cli(evaluate_cli.evaluate_main, capsys, f"--workdir={untrained_workdir}", f"--output={tmp_path}/r.json")
     assert "config.json" in _one_line(err, 2, code)
-    code, err = _cli(export.export_main, capsys, f"--workdir={untrained_workdir}", "--format=stablehlo",
+    code, err = _cli(export_cli.export_main, capsys, f"--workdir={untrained_workdir}", "--format=stablehlo",
                      f"--output={tmp_path / 'm'}")
     assert "config.json" in _one_line(err, 2, code)
 

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.finetune: learning a user's style without forgetting MNIST, and clean refusals.
+"""Tests for hwrjax.apps.finetune: learning a user's style without forgetting MNIST, and clean refusals.
 
 The end-to-end test starts from the session's trained run (tests/conftest.py: a BatchNorm
 convnet with a moving average), writes a folder of photos of MNIST validation digits turned
@@ -20,8 +20,12 @@ from scipy import ndimage
 
 import conftest
 from conftest import make_workdir
-from hwrjax import checkpoint, data, evaluate, finetune, synth
-from hwrjax.errors import HwrjaxError
+from hwrjax.apps import finetune
+from hwrjax.cli import finetune as finetune_cli
+from hwrjax.core.errors import HwrjaxError
+from hwrjax.inference import loader
+from hwrjax.training import checkpoint, data
+from tests.support import synth
 
 PER_CLASS = 15
 
@@ -66,8 +70,8 @@ def tuned(base_run, samples_dir, tmp_path_factory):
     capture.setattr(sys, "stdout", stdout)
     capture.setattr(sys, "stderr", stderr)
     try:
-        code = finetune.finetune_main([f"--workdir={base}", f"--samples={samples_dir}", f"--output-workdir={out}",
-                                       "--epochs=40", "--learning-rate=0.01", "--holdout=0.2"])
+        code = finetune_cli.finetune_main([f"--workdir={base}", f"--samples={samples_dir}", f"--output-workdir={out}",
+                                           "--epochs=40", "--learning-rate=0.01", "--holdout=0.2"])
     finally:
         capture.undo()
     return code, stdout.getvalue(), stderr.getvalue(), out
@@ -113,7 +117,7 @@ def test_unusable_files_are_reported_and_skipped(tuned, samples_dir):
 
 
 def test_output_is_a_normal_workdir(tuned, base_run):
-    from hwrjax.recognize import Recognizer
+    from hwrjax.apps.recognize import Recognizer
 
     _, _, _, workdir = tuned
     with open(os.path.join(workdir, "config.json")) as f:
@@ -123,7 +127,7 @@ def test_output_is_a_normal_workdir(tuned, base_run):
     assert config["optimizer"]["learning_rate"] == 0.01 and config["num_epochs"] == 40
     variables, step = checkpoint.load_variables(workdir)
     assert step == ft["steps"] and checkpoint.load_variables(workdir, "latest")[1] == step
-    model = evaluate.load_model(workdir)
+    model = loader.load_model(workdir)
     # The fine-tuned weights carry their own temperature, fitted on the validation split.
     assert model.calibration is not None and model.calibration["fitted_on"] == "validation"
     assert model.temperature == model.calibration["temperature"]
@@ -250,7 +254,7 @@ def untrained_workdir(tmp_path_factory):
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
-    code = finetune.finetune_main(args)
+    code = finetune_cli.finetune_main(args)
     err = capsys.readouterr().err
     return code, err
 

@@ -89,8 +89,8 @@ def test_missing_dataset_names_tfds_data_dir(tmp_path):
 
 def test_missing_dataset_without_network_is_refused_before_a_download(tmp_path, monkeypatch):
     from configs import mlp
-    from hwrjax import data
-    from hwrjax.errors import DataError
+    from hwrjax.core.errors import DataError
+    from hwrjax.training import data
 
     # Whatever this machine's network, the offline case is made offline here.
     monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: False)
@@ -104,21 +104,21 @@ def test_missing_dataset_without_network_is_refused_before_a_download(tmp_path, 
 def test_compilation_cache_folder_that_cannot_be_used_does_not_stop_the_run(tmp_path, monkeypatch):
     import jax
 
-    from hwrjax import cli_support
+    from hwrjax.training import cache as cache_lib
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     before = jax.config.jax_compilation_cache_dir
     try:
-        assert cli_support.enable_compilation_cache(str(blocker / "cache")) is None
-        assert cli_support.enable_compilation_cache("") is None
+        assert cache_lib.enable_compilation_cache(str(blocker / "cache")) is None
+        assert cache_lib.enable_compilation_cache("") is None
         assert jax.config.jax_compilation_cache_dir == before  # left untouched
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
-        assert cli_support.default_cache_dir() == ""  # set but empty: no cache
+        assert cache_lib.default_cache_dir() == ""  # set but empty: no cache
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-        assert cli_support.default_cache_dir() == str(tmp_path / "xdg" / "hwrjax" / "jax")
-        assert cli_support.enable_compilation_cache(None) == str(tmp_path / "xdg" / "hwrjax" / "jax")
+        assert cache_lib.default_cache_dir() == str(tmp_path / "xdg" / "hwrjax" / "jax")
+        assert cache_lib.enable_compilation_cache(None) == str(tmp_path / "xdg" / "hwrjax" / "jax")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "hwrjax" / "jax")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)

@@ -1,4 +1,4 @@
-"""hwrjax.layers: Conv and the pools compute what flax.linen computes, by a faster route on CPU."""
+"""hwrjax.models.layers: Conv and the pools compute what flax.linen computes, by a faster route on CPU."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hwrjax import layers
+from hwrjax.models import layers
 
 
 @pytest.mark.parametrize("form", ["patch_matrix", "taps"])

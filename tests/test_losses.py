@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from hwrjax import losses
-from hwrjax.errors import ConfigError
+from hwrjax.core import losses
+from hwrjax.core.errors import ConfigError
 
 LOGITS = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
 LABELS = jnp.array([0, 1])

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.metrics against hand-computed values."""
+"""Tests for hwrjax.inference.metrics against hand-computed values."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hwrjax import metrics
+from hwrjax.inference import metrics
 
 # Crafted predictions: N = 8 examples, C = 4 classes.
 # Class 2 occurs (twice) but is never predicted; class 3 never occurs but is predicted once.

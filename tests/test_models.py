@@ -6,7 +6,9 @@ import ml_collections
 import pytest
 
 from hwrjax import models
-from hwrjax.errors import ConfigError
+from hwrjax.core import steps, train_state
+from hwrjax.core.errors import ConfigError
+from hwrjax.models import networks
 
 
 def _count(variables):
@@ -39,7 +41,7 @@ def test_convnet_shape_and_parameter_count():
 
 def test_space_to_depth_folds_blocks_into_channels():
     x = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3)
-    y = models.space_to_depth(x, 2)
+    y = networks.space_to_depth(x, 2)
     assert y.shape == (2, 2, 3, 12)  # the odd last row is dropped
     # Position (i, j) holds the 2x2 block at rows 2i..2i+1, columns 2j..2j+1, row-major, channels inner.
     block = x[1, 2:4, 4:6, :].reshape(-1)
@@ -93,12 +95,12 @@ def test_resnet_space_to_depth_runs_every_stage_at_half_resolution():
 
 def test_crop_border_keeps_the_centre():
     x = jnp.arange(2 * 28 * 28, dtype=jnp.float32).reshape(2, 28, 28, 1)
-    y = models.crop_border(x, 2)
+    y = networks.crop_border(x, 2)
     assert y.shape == (2, 24, 24, 1)
     assert y[1, 0, 0, 0] == x[1, 2, 2, 0] and y[1, -1, -1, 0] == x[1, 25, 25, 0]
-    assert models.crop_border(x, 0) is x
+    assert networks.crop_border(x, 0) is x
     with pytest.raises(ConfigError, match="crop_border=14 does not fit 28x28 images; use 0 to 13"):
-        models.crop_border(x, 14)
+        networks.crop_border(x, 14)
 
 
 @pytest.mark.parametrize("model", [
@@ -151,8 +153,8 @@ def test_resnet_blocks_start_as_identity_and_preact_runs():
     assert pre.apply(variables, x).shape == (3, 10)
 
 
-@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
-@pytest.mark.parametrize("pooling", sorted(models.POOLS))
+@pytest.mark.parametrize("activation", sorted(networks.ACTIVATIONS))
+@pytest.mark.parametrize("pooling", sorted(networks.POOLS))
 def test_activation_and_pooling_options(activation, pooling):
     model = models.ConvNet(conv_widths=(4,), dense_widths=(8,), activation=activation, pooling=pooling)
     variables, x = _init(model)
@@ -188,7 +190,7 @@ def test_create_model_by_name_and_errors():
 
 
 def test_prelu_values_and_one_slope_per_channel():
-    layer = models.PReLU()
+    layer = networks.PReLU()
     x = jnp.array([[-2.0, -1.0, 0.0, 3.0]])
     variables = layer.init(jax.random.key(0), x)
     assert variables["params"]["negative_slope"].shape == (4,)
@@ -207,12 +209,13 @@ def test_prelu_slopes_are_learned_without_weight_decay_and_checkpointed(name, tm
     import numpy as np
     import optax
 
-    from hwrjax import checkpoint, optim, train
+    from hwrjax.core import optim
+    from hwrjax.training import checkpoint
 
     small = dict(mlp=dict(hidden_sizes=(16,)), convnet=dict(conv_widths=(4,), dense_widths=(8,)),
                  resnet=dict(stage_sizes=(1,), stage_widths=(4,), stem_width=4))[name]
     model = models.create_model(ml_collections.ConfigDict(dict(name=name, activation="prelu", **small)), 10)
-    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+    state = train_state.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
     slope_paths = lambda params: {jax.tree_util.keystr(p): np.asarray(v) for p, v in
                                   jax.tree_util.tree_flatten_with_path(params)[0] if "negative_slope" in str(p)}
     before = slope_paths(state.params)
@@ -223,7 +226,7 @@ def test_prelu_slopes_are_learned_without_weight_decay_and_checkpointed(name, tm
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
-    step = jax.jit(train.train_step)
+    step = jax.jit(steps.train_step)
     for i in range(3):
         state, _ = step(state, batch, jax.random.key(i))
     after = slope_paths(state.params)
@@ -235,7 +238,7 @@ def test_prelu_slopes_are_learned_without_weight_decay_and_checkpointed(name, tm
     loaded, _ = checkpoint.load_variables(str(tmp_path), "latest")
     for k, v in slope_paths(loaded["params"]).items():
         np.testing.assert_array_equal(v, after[k])
-    fresh = jax.jit(lambda k: train.create_train_state(model, optax.sgd(0.1), k))(jax.random.key(1))
+    fresh = jax.jit(lambda k: train_state.create_train_state(model, optax.sgd(0.1), k))(jax.random.key(1))
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, async_save=False)
     resumed, _ = ckpt.restore_latest(fresh)
     ckpt.close()

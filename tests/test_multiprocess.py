@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from hwrjax import checkpoint
+from hwrjax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Without space-to-depth or the weight average this smoke run's best validation checkpoint is

@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from configs import default
-from hwrjax import optim
-from hwrjax.errors import ConfigError
+from hwrjax.core import optim
+from hwrjax.core.errors import ConfigError
 
 
 def _config(**overrides):

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.plots: decode the PNGs and check size, content and heatmap colours."""
+"""Tests for hwrjax.apps.plots: decode the PNGs and check size, content and heatmap colours."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hwrjax import plots
+from hwrjax.apps import plots
 
 
 def _load(path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.preprocess (photo -> MNIST 28x28) and hwrjax.synth (digit -> photo).
+"""Tests for hwrjax.apps.preprocess (photo -> MNIST 28x28) and tests.support.synth (digit -> photo).
 
 All images are drawn here with Pillow; nothing is downloaded or read from outside tmp_path.
 """
@@ -14,9 +14,10 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from hwrjax import forms, preprocess, synth
-from hwrjax.errors import HwrjaxError
-from hwrjax.preprocess import ImageError, NoInkError, load_image, split_digits, to_mnist
+from hwrjax.apps import preprocess
+from hwrjax.apps.preprocess import ImageError, load_image, NoInkError, split_digits, to_mnist
+from hwrjax.core.errors import HwrjaxError
+from tests.support import forms, synth
 
 # Glyph strokes on a 112x112 canvas (4x supersampled 28x28); each fills rows 16..96,
 # i.e. a 20 px tall box in 28x28, roughly centred like MNIST.
@@ -403,7 +404,7 @@ def test_max_pixels_limit(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- other captures
 # Tight crops, tiny scans, binarized or few-level scans, either polarity, form boxes, stains:
-# the images other digit collections and forms produce (hwrjax.forms renders them).
+# the images other digit collections and forms produce (tests.support.forms renders them).
 
 _KINDS = ("1", "7", "4", "0")
 # At 8 and 12 px the glyph "1" is 2 px wide with no paper between its edges: nothing is left

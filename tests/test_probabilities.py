@@ -8,8 +8,11 @@ import optax
 import pytest
 
 import conftest
-from hwrjax import evaluate, export, models, train
-from hwrjax.recognize import Recognizer
+from hwrjax import models
+from hwrjax.apps import export
+from hwrjax.apps.recognize import Recognizer
+from hwrjax.core import train_state
+from hwrjax.inference import loader, predict
 
 
 def _sigmoids_normalized(logits):
@@ -34,28 +37,28 @@ def _logits(loaded, images):
 
 
 def test_predictions_of_a_bce_run_are_its_normalized_sigmoids(bce_run, images):
-    loaded = evaluate.load_model(bce_run)
+    loaded = loader.load_model(bce_run)
     assert loaded.loss == "bce"
     want = _sigmoids_normalized(_logits(loaded, images))
-    got = evaluate.predict_probs(bce_run, images)
+    got = predict.predict_probs(bce_run, images)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not np.allclose(got, jax.nn.softmax(_logits(loaded, images)), atol=1e-4)
     # TTA and ensembles average these distributions, so their rows still sum to 1.
-    np.testing.assert_allclose(evaluate.predict_probs(bce_run, images, tta=3).sum(-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(evaluate.ensemble_probs([bce_run], images), got, atol=1e-6)
+    np.testing.assert_allclose(predict.predict_probs(bce_run, images, tta=3).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(predict.ensemble_probs([bce_run], images), got, atol=1e-6)
 
 
 def test_a_train_state_is_read_with_the_loss_it_was_trained_with(images):
     model = models.MLP(hidden_sizes=(8,))
-    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+    state = train_state.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
     logits = model.apply({"params": state.params}, jnp.asarray(images, jnp.float32) / 255.0)
-    np.testing.assert_allclose(evaluate.predict_probs(state, images, loss="bce"), _sigmoids_normalized(logits),
+    np.testing.assert_allclose(predict.predict_probs(state, images, loss="bce"), _sigmoids_normalized(logits),
                                atol=1e-6)
-    np.testing.assert_allclose(evaluate.predict_probs(state, images), jax.nn.softmax(logits), atol=1e-6)
+    np.testing.assert_allclose(predict.predict_probs(state, images), jax.nn.softmax(logits), atol=1e-6)
 
 
 def test_export_and_recognizer_read_a_bce_run_the_same_way(bce_run, images):
-    loaded = evaluate.load_model(bce_run)
+    loaded = loader.load_model(bce_run)
     want = _sigmoids_normalized(_logits(loaded, images))
     x = jnp.asarray(images, jnp.float32) / 255.0
     np.testing.assert_allclose(export.inference_function(bce_run)(x), want, atol=1e-6)
@@ -68,7 +71,7 @@ def test_export_and_recognizer_read_a_bce_run_the_same_way(bce_run, images):
 
 
 def test_calibration_scales_the_logits_before_the_losss_reading():
-    from hwrjax import calibration
+    from hwrjax.inference import calibration
 
     z = jax.random.normal(jax.random.key(5), (64, 4)) * 3
     labels = np.asarray(jnp.argmax(z + jax.random.normal(jax.random.key(6), z.shape) * 2, -1))

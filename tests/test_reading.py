@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 import conftest
-from hwrjax import synth
-from hwrjax.recognize import Recognizer, predict_main
+from hwrjax.apps.recognize import Recognizer
+from hwrjax.cli.predict import predict_main
+from tests.support import synth
 from test_recognize import png_bytes
 
 PER_CLASS = 3
@@ -105,7 +106,7 @@ def test_predict_command_reads_image_files(trained_run, digits, tmp_path, capsys
 
 
 def test_the_service_reads_known_digits(recognizer, digits):
-    from hwrjax.serve import create_app, serve_in_thread
+    from hwrjax.apps.serve import create_app, serve_in_thread
 
     images, labels, _ = digits
     with serve_in_thread(create_app(recognizer)) as url, httpx.Client(base_url=url, timeout=60) as client:

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.recognize: the Recognizer API and `hwrjax predict`.
+"""Tests for hwrjax.apps.recognize: the Recognizer API and `hwrjax predict`.
 
 The model is untrained (tests/conftest.py), so these check behaviour, not accuracy:
 a 28x28 MNIST-form array must get exactly the model's own argmax, a number of k digits
@@ -22,10 +22,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import make_workdir
-from hwrjax import synth
-from hwrjax.checkpoint import load_config
-from hwrjax.errors import CheckpointError
-from hwrjax.recognize import Reading, Recognizer, find_images, predict_main
+from hwrjax.apps.recognize import find_images, Reading, Recognizer
+from hwrjax.cli.predict import predict_main
+from hwrjax.core.errors import CheckpointError
+from hwrjax.training.checkpoint import load_config
+from tests.support import synth
 
 # Strokes of a few glyphs in a 112x112 box (4x a 28x28 MNIST field, digit ~20 px tall there).
 _GLYPHS = {

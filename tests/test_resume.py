@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 import conftest
-from hwrjax import checkpoint, train
-from hwrjax.errors import ConfigError
+from hwrjax import models
+from hwrjax.apps import train
+from hwrjax.core import train_state
+from hwrjax.core.errors import ConfigError
+from hwrjax.training import checkpoint
+from hwrjax.training import preemption as preemption_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smoke ResNet long enough (3 epochs x 32 steps) to be interrupted twice part way through.
@@ -32,9 +36,9 @@ def _env(devices: int, signal_at: str = "") -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop(train.SIGNAL_AT_STEP_ENV, None)
+    env.pop(preemption_lib.SIGNAL_AT_STEP_ENV, None)
     if signal_at:
-        env[train.SIGNAL_AT_STEP_ENV] = signal_at  # the loop signals itself after that step
+        env[preemption_lib.SIGNAL_AT_STEP_ENV] = signal_at  # the loop signals itself after that step
     return env
 
 
@@ -190,14 +194,14 @@ def test_pmap_run_killed_and_resumed_is_bitwise_its_own_and_close_to_jit(tmp_pat
 
 
 def test_signal_hook_refuses_a_malformed_value(monkeypatch):
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "")
-    assert train.signal_at_step_hook() is None
-    monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, "12:SIGTERM")
-    assert train.signal_at_step_hook() == (12, signal.SIGTERM)
+    monkeypatch.setenv(preemption_lib.SIGNAL_AT_STEP_ENV, "")
+    assert preemption_lib.signal_at_step_hook() is None
+    monkeypatch.setenv(preemption_lib.SIGNAL_AT_STEP_ENV, "12:SIGTERM")
+    assert preemption_lib.signal_at_step_hook() == (12, signal.SIGTERM)
     for bad in ("SIGTERM", "12", "12:TERM", "x:SIGKILL"):
-        monkeypatch.setenv(train.SIGNAL_AT_STEP_ENV, bad)
+        monkeypatch.setenv(preemption_lib.SIGNAL_AT_STEP_ENV, bad)
         with pytest.raises(ConfigError, match="STEP:SIGNAL"):
-            train.signal_at_step_hook()
+            preemption_lib.signal_at_step_hook()
 
 
 def test_no_readable_checkpoint_never_silently_restarts(tmp_path, untrained_workdir):
@@ -207,13 +211,13 @@ def test_no_readable_checkpoint_never_silently_restarts(tmp_path, untrained_work
         shutil.rmtree(os.path.join(ckpt_dir, item))
     config = checkpoint.load_config(untrained_workdir)
     model, tx = _model_and_tx(config)
-    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(0))
+    state = jax.jit(lambda k: train_state.create_train_state(model, tx, k))(jax.random.key(0))
     with pytest.raises(Exception, match="no readable checkpoint"):
         checkpoint.Checkpointer(untrained_workdir).restore_latest(state)
 
 
 def _model_and_tx(config):
-    from hwrjax import models, optim
+    from hwrjax.core import optim
 
     model = models.create_model(config.model, 10)
     tx = optim.make_optimizer(config, optim.make_schedule(config, 10, config.num_epochs))
@@ -248,7 +252,7 @@ def test_relative_workdir_saves_restores_and_loads(untrained_workdir, monkeypatc
     assert checkpoint.load_variables(relative, "latest")[1] == 0
     config = checkpoint.load_config(relative)
     model, tx = _model_and_tx(config)
-    state = jax.jit(lambda k: train.create_train_state(model, tx, k))(jax.random.key(1))
+    state = jax.jit(lambda k: train_state.create_train_state(model, tx, k))(jax.random.key(1))
     ckpt = checkpoint.Checkpointer(relative, keep=2, async_save=False)
     ckpt.save_best(7, state, {"best_step": 7})
     restored, _ = ckpt.restore_latest(state)

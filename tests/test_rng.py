@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hwrjax import parallel, rng
+from hwrjax.core import rng
+from hwrjax.training import parallel
 
 
 def test_run_keys_are_typed_and_keep_their_bits():

@@ -1,4 +1,4 @@
-"""Tests for hwrjax.serve: the JSON API, upload limits, errors, who may call, batching and connections.
+"""Tests for hwrjax.apps.serve: the JSON API, upload limits, errors, who may call, batching and connections.
 
 Most tests drive the app in-process through httpx's ASGI transport (or raw ASGI calls, to
 count how much of a body the app pulled); a real uvicorn on a free 127.0.0.1 port (bound
@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from hwrjax.recognize import Recognizer
-from hwrjax.serve import Limits, MicroBatcher, create_app, serve_in_thread
+from hwrjax.apps.recognize import Recognizer
+from hwrjax.apps.serve import create_app, Limits, MicroBatcher, serve_in_thread
 from test_recognize import draw_digit, drawn_number, png_bytes, shared_untrained_workdir
 
 LIMIT = 200_000
@@ -148,7 +148,7 @@ def test_bad_uploads_are_400_json(client, body, needle):
 
 def test_large_images_take_the_slow_lane_and_read_the_same(recognizer):
     """Images over LIGHT_PIXELS or LIGHT_SIDE are read in the slow lane's process, as a direct read would."""
-    from hwrjax.serve import LIGHT_PIXELS
+    from hwrjax.apps.serve import LIGHT_PIXELS
 
     big = np.full((600, 600), 255, np.uint8)
     big[150:450, 280:320] = 0  # a thick "1"

@@ -16,8 +16,12 @@ import hwrjax
 from configs import default
 from configs import mlp as mlp_config
 from configs import resnet as resnet_config
-from hwrjax import augment, checkpoint, data, losses, models, parallel, rng, train
-from hwrjax.errors import ConfigError
+from hwrjax import models
+from hwrjax.apps import train
+from hwrjax.core import augment, losses, rng, train_state
+from hwrjax.core import steps as steps_lib
+from hwrjax.core.errors import ConfigError
+from hwrjax.training import checkpoint, config_checks, data, loop, parallel
 
 
 class TinyNet(nn.Module):
@@ -76,9 +80,9 @@ def test_evaluation_counts_every_example_exactly_once(n, batch_size):
     split = data.Split(images=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
                        labels=rng.integers(0, 10, n).astype(np.int32))
     model = models.MLP(hidden_sizes=(16,))
-    state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
+    state = train_state.create_train_state(model, optax.sgd(0.1), jax.random.key(0))
     mesh = parallel.make_mesh()
-    result = train.make_evaluate(losses.cross_entropy, mesh)(state, train.EvalSet(split, batch_size, mesh))
+    result = loop.make_evaluate(losses.cross_entropy, mesh)(state, loop.EvalSet(split, batch_size, mesh))
     logits = model.apply({"params": state.params}, jnp.asarray(split.images, jnp.float32) / 255.0)
     expected_acc = float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
     expected_loss = float(np.mean(losses.cross_entropy(logits, jnp.asarray(split.labels))))
@@ -89,16 +93,16 @@ def test_evaluation_counts_every_example_exactly_once(n, batch_size):
 
 def test_epoch_order_is_a_keyed_permutation():
     keys = hwrjax.RunKeys.from_seed(3)
-    a = np.asarray(train.epoch_order(keys.order, 0, 1000))
+    a = np.asarray(steps_lib.epoch_order(keys.order, 0, 1000))
     assert sorted(a) == list(range(1000))
-    assert np.array_equal(a, np.asarray(train.epoch_order(keys.order, 0, 1000)))
-    assert not np.array_equal(a, np.asarray(train.epoch_order(keys.order, 1, 1000)))
+    assert np.array_equal(a, np.asarray(steps_lib.epoch_order(keys.order, 0, 1000)))
+    assert not np.array_equal(a, np.asarray(steps_lib.epoch_order(keys.order, 1, 1000)))
     other = hwrjax.RunKeys.from_seed(4)
-    assert not np.array_equal(a, np.asarray(train.epoch_order(other.order, 0, 1000)))
+    assert not np.array_equal(a, np.asarray(steps_lib.epoch_order(other.order, 0, 1000)))
     # Epoch e's order is the permutation keyed by fold_in(order key, e) (DESIGN.md, promise 2).
     for epoch in (0, 1, 7):
         want = jax.random.permutation(jax.random.fold_in(keys.order, epoch), 1000)
-        np.testing.assert_array_equal(np.asarray(train.epoch_order(keys.order, epoch, 1000)), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(steps_lib.epoch_order(keys.order, epoch, 1000)), np.asarray(want))
 
 
 def _param_digest(workdir):
@@ -144,7 +148,7 @@ def test_validate_config_errors():
                 node = node[p]
             node[leaf] = value
         with pytest.raises(ConfigError, match=pattern):
-            train.validate_config(c, num_devices=2)
+            config_checks.validate_config(c, num_devices=2)
 
     check("batch_size must be a positive integer", batch_size=0)
     check("does not divide over 2 devices", batch_size=129)
@@ -163,7 +167,7 @@ def test_workdir_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot be written"):
-        train.check_workdir(str(blocker / "run"))
+        config_checks.check_workdir(str(blocker / "run"))
 
 
 def test_config_differences_lists_changed_fields():
@@ -171,7 +175,7 @@ def test_config_differences_lists_changed_fields():
     b = resnet_config.get_config()
     b.optimizer.learning_rate = 0.05
     b.model.stage_sizes = (1, 1, 1)
-    diffs = train.config_differences(train._config_dict(a), train._config_dict(b))
+    diffs = config_checks.config_differences(config_checks.config_as_dict(a), config_checks.config_as_dict(b))
     assert diffs == ["model.stage_sizes: [2, 2, 2] -> [1, 1, 1]", "optimizer.learning_rate: 0.1 -> 0.05"]
 
 
@@ -185,7 +189,7 @@ def test_every_recipe_and_its_smoke_variant_builds(recipe):
     assert {"resnet", "cnn", "mlp", "fast"} <= set(RECIPES)
     for variant in ("", "smoke"):
         c = module.get_config(variant)
-        train.validate_config(c, num_devices=1)
+        config_checks.validate_config(c, num_devices=1)
         model = models.create_model(c.model, 10, dtype=c.dtype)
         variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False)
         assert model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False).shape == (2, 10)
@@ -196,20 +200,20 @@ def test_every_recipe_and_its_smoke_variant_builds(recipe):
 
 
 def test_runs_saved_before_a_field_was_added_still_resume():
-    current = train._config_dict(resnet_config.get_config())
+    current = config_checks.config_as_dict(resnet_config.get_config())
     current["model"]["space_to_depth"] = False  # the value every run had before the option existed
-    saved = train._config_dict(resnet_config.get_config())
+    saved = config_checks.config_as_dict(resnet_config.get_config())
     del saved["model"]["space_to_depth"]  # a config.json written before the option existed
-    assert train.config_differences(saved, current) == []
+    assert config_checks.config_differences(saved, current) == []
     current["model"]["space_to_depth"] = True  # turning it on is a real change
-    assert train.config_differences(saved, current) == ["model.space_to_depth: '<absent>' -> True"]
+    assert config_checks.config_differences(saved, current) == ["model.space_to_depth: '<absent>' -> True"]
     # The same for every later field, in the configs that carry it (the speed recipe has them all).
-    fast = train._config_dict(importlib.import_module("configs.fast").get_config())
-    for field, old_value in train.ADDED_FIELDS.items():
+    fast = config_checks.config_as_dict(importlib.import_module("configs.fast").get_config())
+    for field, old_value in config_checks.ADDED_FIELDS.items():
         saved, current = _edited(fast, field), _edited(fast, field, old_value)
-        assert train.config_differences(saved, current) == [], field
+        assert config_checks.config_differences(saved, current) == [], field
         # and a value other than the old behaviour is a real change
-        assert train.config_differences(saved, _edited(fast, field, "changed")) != [], field
+        assert config_checks.config_differences(saved, _edited(fast, field, "changed")) != [], field
 
 
 def _edited(config: dict, dotted: str, *value) -> dict:
@@ -232,7 +236,7 @@ def test_a_run_saved_by_an_earlier_version_still_resumes():
     train.ADDED_FIELDS with the value that behaves as before: a run made then resumes unrefused."""
     with open(os.path.join(os.path.dirname(__file__), "data", "default_config_454001f.json")) as f:
         saved = json.load(f)
-    assert train.config_differences(saved, json.loads(default.get_config().to_json())) == []
+    assert config_checks.config_differences(saved, json.loads(default.get_config().to_json())) == []
 
 
 def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
@@ -241,12 +245,12 @@ def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
     labels = jnp.arange(n, dtype=jnp.int32)
     keys = rng.RunKeys.from_seed(3)
     mesh = parallel.make_mesh()
-    plain = train.make_batch_fn(augment.AugmentParams(), keys, n, b, mesh)
-    pipeline = train.InputPipeline(plain, images, labels, keys.order, n, 5, total_steps=12)
+    plain = steps_lib.make_batch_fn(augment.AugmentParams(), keys, n, b, mesh)
+    pipeline = loop.InputPipeline(plain, images, labels, keys.order, n, 5, total_steps=12)
     for step in range(12):
         got = pipeline.batch(step)
         # Without augmentation the batch is the step's slice of its epoch's permutation.
-        order = np.asarray(train.epoch_order(keys.order, step // 5, n))
+        order = np.asarray(steps_lib.epoch_order(keys.order, step // 5, n))
         idx = order[(step % 5) * b:(step % 5 + 1) * b]
         np.testing.assert_array_equal(np.asarray(got["label"]), idx)
         np.testing.assert_allclose(np.asarray(got["image"]), np.asarray(images)[idx] / 255.0, rtol=1e-6)
@@ -255,12 +259,12 @@ def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
     # With augmentation: the batch prepared ahead is bit for bit the one made on demand, so a
     # pipeline started mid-run (a resume) hands out the same batches as the uninterrupted one.
     aug = augment.AugmentParams(rotation_deg=10.0, scale=0.1, translate_px=2.0)
-    batch_fn = train.make_batch_fn(aug, keys, n, b, mesh)
-    whole = train.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
+    batch_fn = steps_lib.make_batch_fn(aug, keys, n, b, mesh)
+    whole = loop.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
     ahead_batches = [whole.batch(step) for step in range(12)]
-    resumed = train.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
+    resumed = loop.InputPipeline(batch_fn, images, labels, keys.order, n, 5, total_steps=12)
     for step in (4, 5, 6):  # across the epoch boundary
-        direct = batch_fn(images, labels, train.epoch_order(keys.order, step // 5, n), np.int32(step))
+        direct = batch_fn(images, labels, steps_lib.epoch_order(keys.order, step // 5, n), np.int32(step))
         for got in (ahead_batches[step], resumed.batch(step)):
             np.testing.assert_array_equal(np.asarray(got["image"]), np.asarray(direct["image"]))
     assert not np.array_equal(np.asarray(ahead_batches[4]["image"]), np.asarray(ahead_batches[5]["image"]))

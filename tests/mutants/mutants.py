@@ -43,7 +43,8 @@ class Mutant:
     @property
     def changes_training(self) -> bool:
         """Whether the session's trained run (tests/conftest.py) could come out different."""
-        return self.path in ("hwrjax/train.py", "hwrjax/data.py", "hwrjax/models.py")
+        return self.path.startswith(("hwrjax/core/", "hwrjax/models/")) or self.path in (
+            "hwrjax/training/loop.py", "hwrjax/training/config_checks.py", "hwrjax/training/data.py")
 
 
 RESUME_TEST = "tests/test_resume.py::test_interrupted_three_ways_ends_bitwise_identical[1]"
@@ -74,73 +75,74 @@ LOADER_RAW = _loader_forms('''if average and model.get("ema"):
 
 MUTANTS = [
     Mutant("eval_raw_pixels", "hwrjax evaluate feeds 0-255 pixels to the model instead of [0, 1]",
-           "hwrjax/evaluate.py", "        return images.astype(jnp.float32) / 255.0\n",
+           "hwrjax/inference/predict.py", "        return images.astype(jnp.float32) / 255.0\n",
            "        return images.astype(jnp.float32)\n",
            ("tests/test_evaluate.py",),
            older=(("x = images.astype(jnp.float32) / 255.0", "x = images.astype(jnp.float32)"),)),
     Mutant("loader_raw_weights_reset_bn",
            "every inference loader uses the raw weights, not the moving average, with BatchNorm statistics "
-           "reset to their initial values", "hwrjax/checkpoint.py",
+           "reset to their initial values", "hwrjax/training/checkpoint.py",
            *LOADER_RESET_BN[0], LOADER_TESTS, older=LOADER_RESET_BN[1:]),
     Mutant("loader_raw_weights", "inference loaders ignore the moving average (raw weights, their own statistics)",
-           "hwrjax/checkpoint.py", *LOADER_RAW[0], LOADER_TESTS, older=LOADER_RAW[1:]),
+           "hwrjax/training/checkpoint.py", *LOADER_RAW[0], LOADER_TESTS, older=LOADER_RAW[1:]),
     Mutant("epoch_order_key_off_by_one", "epoch e is shuffled with the key of epoch e + 1",
-           "hwrjax/train.py", "return _permutation(jax.random.fold_in(order_key, epoch), num_train)",
+           "hwrjax/core/steps.py", "return _permutation(jax.random.fold_in(order_key, epoch), num_train)",
            "return _permutation(jax.random.fold_in(order_key, epoch + 1), num_train)",
            ("tests/test_train.py::test_epoch_order_is_a_keyed_permutation",
             "tests/test_train.py::test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step",
             RESUME_TEST)),
     Mutant("epoch_boundary_off_by_one", "the last batch of each epoch is taken from the next epoch's order",
-           "hwrjax/train.py", "        epoch = step // self._steps_per_epoch\n",
+           "hwrjax/training/loop.py", "        epoch = step // self._steps_per_epoch\n",
            "        epoch = (step + 1) // self._steps_per_epoch\n",
            ("tests/test_train.py::test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step",)),
     Mutant("eval_drops_last_batch", "validation and test drop the last, partial eval batch",
-           "hwrjax/train.py", "self.num_batches = max(1, math.ceil(n / batch_size))",
+           "hwrjax/training/loop.py", "self.num_batches = max(1, math.ceil(n / batch_size))",
            "self.num_batches = max(1, n // batch_size)", (EVAL_COUNT_TEST, "tests/test_evaluate.py")),
     Mutant("polarity_inverted", "preprocessing decides the ink polarity the wrong way round",
-           "hwrjax/preprocess.py", "    light = lighter > darker\n", "    light = lighter < darker\n",
+           "hwrjax/apps/preprocess.py", "    light = lighter > darker\n", "    light = lighter < darker\n",
            ("tests/test_reading.py", "tests/test_preprocess.py"),
            older=(("    return lighter > darker\n", "    return lighter < darker\n"),)),
     Mutant("resume_wrong_step", "resume puts the restored weights at the step after their checkpoint",
-           "hwrjax/checkpoint.py", 'state = target_state.replace(step=restored["opt"]["step"],',
+           "hwrjax/training/checkpoint.py", 'state = target_state.replace(step=restored["opt"]["step"],',
            'state = target_state.replace(step=restored["opt"]["step"] + 1,', (RESUME_TEST,)),
     Mutant("config_field_unregistered", "a config field added without registering its neutral value: runs "
-           "saved before it are refused on resume", "hwrjax/train.py",
+           "saved before it are refused on resume", "hwrjax/training/config_checks.py",
            '"augment.stretch_prob": 0.0, ', "",
            ("tests/test_train.py::test_a_run_saved_by_an_earlier_version_still_resumes",)),
     Mutant("resume_oldest_checkpoint", "resume restores the oldest kept checkpoint instead of the newest",
-           "hwrjax/checkpoint.py", "steps = sorted(self.latest.all_steps(), reverse=True)",
+           "hwrjax/training/checkpoint.py", "steps = sorted(self.latest.all_steps(), reverse=True)",
            "steps = sorted(self.latest.all_steps())", (RESUME_TEST,)),
     Mutant("eval_ignores_mask", "the padding of the last eval batch is counted in the loss",
-           "hwrjax/train.py", '"loss_sum": jnp.sum(loss_fn(logits, batch["label"]) * mask),',
+           "hwrjax/core/steps.py", '"loss_sum": jnp.sum(loss_fn(logits, batch["label"]) * mask),',
            '"loss_sum": jnp.sum(loss_fn(logits, batch["label"])) * jnp.max(mask),', (EVAL_COUNT_TEST,)),
     Mutant("predict_drops_last_batch", "hwrjax evaluate's predictions skip a last partial batch",
-           "hwrjax/evaluate.py", "    for start in range(0, n, batch):",
+           "hwrjax/inference/predict.py", "    for start in range(0, n, batch):",
            "    for start in range(0, n - batch + 1, batch):", ("tests/test_evaluate.py",)),
     Mutant("validation_inside_train", "the validation carve-out is also trained on",
-           "hwrjax/data.py", "train_end = min(num_train - val, limit) if limit > 0 else num_train - val",
+           "hwrjax/training/data.py", "train_end = min(num_train - val, limit) if limit > 0 else num_train - val",
            "train_end = min(num_train, limit) if limit > 0 else num_train",
            ("tests/test_data.py::test_real_mnist_splits",)),
     Mutant("export_raw_weights", "export writes the raw weights instead of the moving average",
-           "hwrjax/evaluate.py", "    variables, step = checkpoint_lib.load_variables(workdir, which)\n",
+           "hwrjax/inference/loader.py", "    variables, step = checkpoint_lib.load_variables(workdir, which)\n",
            "    variables, step = checkpoint_lib.load_variables(workdir, which, average=False)\n",
            ("tests/test_export.py",)),
     Mutant("recognizer_float_rescaled", "the Recognizer divides 0..1 float arrays by 255 again",
-           "hwrjax/recognize.py", "    return a / 255.0 if hi > 1.0 else a", "    return a / 255.0",
+           "hwrjax/apps/recognize.py", "    return a / 255.0 if hi > 1.0 else a", "    return a / 255.0",
            ("tests/test_recognize.py", "tests/test_reading.py")),
     Mutant("resume_drops_average", "resume restores the weights but restarts the moving average from them",
-           "hwrjax/checkpoint.py", '''                ema = model.get("ema")
+           "hwrjax/training/checkpoint.py", '''                ema = model.get("ema")
                 if "ema" not in model:''', '''                ema = model.get("ema")
                 if True:''', (RESUME_TEST,)),
     Mutant("report_uses_last_not_best", "the final test report scores the last weights, not the best checkpoint",
-           "hwrjax/train.py", "if val_set is None or meta[\"best_step\"] < 0 or meta[\"best_step\"] == step:",
+           "hwrjax/training/loop.py",
+           "if val_set is None or meta[\"best_step\"] < 0 or meta[\"best_step\"] == step:",
            "if True:", ("tests/test_ema.py::test_a_run_validates_selects_and_delivers_the_average",
                          "tests/test_multiprocess.py::test_two_processes_train_checkpoint_resume_and_match_one_process")),
     Mutant("pmap_local_batchnorm", "--config.parallel=pmap keeps BatchNorm statistics per device",
-           "hwrjax/train.py", "bn_axis_name=PMAP_AXIS if use_pmap else None)",
+           "hwrjax/training/loop.py", "bn_axis_name=PMAP_AXIS if use_pmap else None)",
            "bn_axis_name=None)", PMAP_TESTS),
     Mutant("pmap_epoch_order", "--config.parallel=pmap takes each epoch's order one epoch late",
-           "hwrjax/train.py", "            epoch = step_ // steps_per_epoch\n",
+           "hwrjax/training/loop.py", "            epoch = step_ // steps_per_epoch\n",
            "            epoch = max(0, step_ - 1) // steps_per_epoch\n", PMAP_TESTS),
 ]
 
@@ -156,9 +158,22 @@ def _copy_project(dest: str, rev: str | None) -> None:
     shutil.copytree(ROOT, dest, ignore=ignore)
 
 
+# Where the modules of the layered package lived before it (revisions up to the flat hwrjax/).
+FORMER_PATHS = {
+    "hwrjax/core/steps.py": "hwrjax/train.py", "hwrjax/training/loop.py": "hwrjax/train.py",
+    "hwrjax/training/config_checks.py": "hwrjax/train.py", "hwrjax/inference/predict.py": "hwrjax/evaluate.py",
+    "hwrjax/inference/loader.py": "hwrjax/evaluate.py", "hwrjax/training/checkpoint.py": "hwrjax/checkpoint.py",
+    "hwrjax/training/data.py": "hwrjax/data.py", "hwrjax/apps/preprocess.py": "hwrjax/preprocess.py",
+    "hwrjax/apps/recognize.py": "hwrjax/recognize.py",
+}
+
+
 def _apply(dest: str, mutant: Mutant) -> bool:
-    """Plants the mutant (its first form whose source text is found exactly once)."""
+    """Plants the mutant (its first form whose source text is found exactly once), in its module or,
+    in a revision before the layered package, where that module's code lived then."""
     path = os.path.join(dest, mutant.path)
+    if not os.path.exists(path) and mutant.path in FORMER_PATHS:
+        path = os.path.join(dest, FORMER_PATHS[mutant.path])
     with open(path) as f:
         source = f.read()
     for old, new in [(mutant.old, mutant.new), *mutant.older]:
@@ -174,8 +189,8 @@ def train_once(folder: str, env: dict) -> str:
     dest = os.path.join(folder, "project")
     _copy_project(dest, None)
     workdir = os.path.join(folder, "trained")
-    code = ("import sys; sys.path.insert(0, 'tests'); import conftest; from hwrjax import train; "
-            f"train.train_and_evaluate(conftest.trained_config(), {workdir!r})")
+    code = ("import sys; sys.path.insert(0, 'tests'); import conftest; import hwrjax; "
+            f"hwrjax.train_and_evaluate(conftest.trained_config(), {workdir!r})")
     subprocess.run([sys.executable, "-c", code], cwd=dest, env=dict(env, PYTHONPATH=dest), check=True,
                    capture_output=True)
     shutil.rmtree(dest)

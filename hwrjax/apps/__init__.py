@@ -1,0 +1,2 @@
+"""Applications of trained models: evaluate, recognize + preprocess, serve, export, finetune, and training
+with its full end-of-run report."""

@@ -1,0 +1,408 @@
+"""Read handwritten digits and numbers with a trained model (the Python API behind `hwrjax predict` and `hwrjax serve`).
+
+    rec = Recognizer.from_workdir("runs/resnet")
+    for r in rec.recognize(["2026.jpg", png_bytes, mnist_array], mode="number"):
+        print(r.text, r.probabilities, r.error)
+
+Inputs are paths, bytes, binary streams or numpy arrays. A 28x28 (or 28x28x1) array is
+taken as already in MNIST form (white ink on black, uint8 0..255 or float 0..1) and is
+classified as it is; every other input goes through `hwrjax.apps.preprocess` (`to_mnist` in
+"digit" mode, `split_digits` in "number" mode). All digit crops of a batch are classified
+in one model call, padded to a power-of-two batch size so each size is compiled once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+import threading
+import time
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from hwrjax import models
+from hwrjax.apps import preprocess
+from hwrjax.apps.preprocess import ImageError
+from hwrjax.core import losses
+from hwrjax.core.errors import CheckpointError, HwrjaxError
+from hwrjax.inference import calibration
+from hwrjax.training import checkpoint
+
+__all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "prepare_image", "quiet_loading"]
+
+MODES = ("number", "digit")
+# Extensions `hwrjax predict` picks up when it walks a folder (files named directly are always read).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
+MNIST_SHAPE = (28, 28)
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO, np.ndarray]
+
+
+@dataclasses.dataclass
+class Reading:
+    """What was read from one input image.
+
+    `text` is the digits left to right ("" on error); `probabilities[i]` is the model's
+    (calibrated) probability of `digits[i]`; `probs[i]` is the full class distribution of digit i;
+    `latency_ms` is this input's preprocessing time plus the model call(s) that classified
+    it; `error` is None or a one-line message saying what was wrong with the input;
+    `unsure` is True when some digit's probability is below the minimum confidence asked for
+    (the digits are still given, so an app can show them and ask the writer to try again).
+    """
+
+    text: str
+    digits: list[int]
+    probabilities: list[float]
+    probs: list[list[float]]
+    latency_ms: float
+    error: str | None = None
+    unsure: bool = False
+
+    @property
+    def probability(self) -> float | None:
+        """The least confident digit's probability (None when nothing was read)."""
+        return min(self.probabilities) if self.probabilities else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The reading as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_probabilities(cls, probs: np.ndarray, latency_ms: float, min_confidence: float = 0.0) -> "Reading":
+        """The reading of k digits whose class probabilities are `probs` [k, classes]; unsure when a
+        digit's probability is below `min_confidence`."""
+        digits = [int(i) for i in np.argmax(probs, axis=-1)]
+        probabilities = [float(probs[i, d]) for i, d in enumerate(digits)]
+        return cls(text="".join(str(d) for d in digits), digits=digits, probabilities=probabilities,
+                   probs=[[float(v) for v in row] for row in probs], latency_ms=round(latency_ms, 3),
+                   unsure=bool(probabilities) and min(probabilities) < min_confidence)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _build_model(model_config: Any, dtype: str, params: Any) -> Any:
+    """The model of `model_config` with the class count of saved `params`; checks every shape."""
+    x = jnp.zeros((1, *MNIST_SHAPE, 1), jnp.float32)
+
+    def shapes(n: int) -> tuple[Any, list]:
+        model = models.create_model(model_config, num_classes=n, dtype=dtype)
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return model, jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+
+    # The leaf whose shape changes with num_classes tells the saved class count.
+    (_, ten), (_, eleven) = shapes(10), shapes(11)
+    num_classes = None
+    for (path, a), (_, b) in zip(ten, eleven):
+        if a.shape != b.shape:
+            axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
+            leaf = params
+            for key in path:
+                leaf = leaf[key.key]
+            num_classes = int(np.shape(leaf)[axis])
+            break
+    if num_classes is None:
+        raise CheckpointError("cannot tell the number of classes of this model from its parameters")
+    model, want = shapes(num_classes)
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    if [(jax.tree_util.keystr(p), tuple(a.shape)) for p, a in want] != \
+            [(jax.tree_util.keystr(p), tuple(np.shape(a))) for p, a in got]:
+        raise KeyError("parameter names or shapes differ")
+    return model
+
+
+class Recognizer:
+    """A trained classifier plus preprocessing; `recognize` reads a batch of images.
+
+    Thread-safe: model calls are serialized by a lock, preprocessing runs in the caller's
+    thread. The model function is jit-compiled once per batch-size bucket (1, 2, 4, ...,
+    `max_batch`); larger batches are classified in chunks of `max_batch`. Probabilities are
+    calibrated with `temperature` (see hwrjax.inference.calibration; `from_workdir` reads the run's);
+    readings below `min_confidence` are marked unsure.
+    """
+
+    def __init__(self, model: Any, variables: dict, *, max_digits: int = 12, max_batch: int = 256,
+                 step: int | None = None, name: str = "", temperature: float = calibration.UNCALIBRATED,
+                 min_confidence: float = 0.0, loss: str = "cross_entropy"):
+        if max_batch < 1 or max_batch & (max_batch - 1):
+            raise ValueError(f"max_batch must be a positive power of two, got {max_batch}")
+        if not calibration.MIN_TEMPERATURE <= temperature <= calibration.MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [{calibration.MIN_TEMPERATURE}, "
+                             f"{calibration.MAX_TEMPERATURE}], got {temperature}")
+        self.min_confidence = check_min_confidence(min_confidence)
+        variables = dict(variables)
+        if not variables.get("batch_stats"):
+            variables.pop("batch_stats", None)
+        self.model = model
+        self.variables = jax.device_put(variables)
+        self.max_digits = max_digits
+        self.max_batch = max_batch
+        self.step = step
+        self.name = name
+        self._temperature = float(temperature)
+        losses.probabilities(jnp.zeros((1, 1)), loss)  # an unknown loss fails here
+        self.loss = loss  # config.loss.name of the training: how logits are read (hwrjax.core.losses.probabilities)
+        self._lock = threading.Lock()
+        self._traces = 0
+        self._predict = jax.jit(self._probabilities)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, checkpoint: str | int = "best", **kwargs: Any) -> "Recognizer":
+        """Loads the model of a training run: the best checkpoint, "latest", or a step number."""
+        if not os.path.isdir(workdir):
+            raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run")
+        config = _load_config(workdir)
+        variables, step = _load_variables(workdir, checkpoint)
+        try:
+            model = _build_model(config.model, config.dtype, variables["params"])
+        except (KeyError, AttributeError, TypeError, IndexError) as e:
+            raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
+                                  "pass the workdir the checkpoint was trained in") from None
+        logging.info("Loaded %s (step %d) from %s.", config.model.name, step, workdir)
+        if "temperature" not in kwargs:
+            kwargs["temperature"], record = calibration.load_temperature(workdir, step)
+            if record is None:
+                logging.warning("%s has no fitted temperature for step %d: probabilities are uncalibrated (T=1); "
+                                "fit one with `hwrjax calibrate --workdir=%s`.", workdir, step, workdir)
+        return cls(model, variables, step=step, name=str(config.model.name), loss=str(config.loss.name),
+                   **kwargs)
+
+    # ---------------------------------------------------------------- the model call
+
+    def _probabilities(self, variables: dict, images: jax.Array) -> jax.Array:
+        self._traces += 1  # Runs only while tracing: counts compilations.
+        # The temperature is fixed at construction, so it is a constant of the compiled program.
+        return calibration.probabilities(self.model.apply(variables, images, train=False), self.temperature,
+                                         self.loss)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature dividing the logits before the softmax (1: uncalibrated)."""
+        return self._temperature
+
+    @property
+    def calibrated(self) -> bool:
+        """True when probabilities are scaled by a temperature other than 1."""
+        return self.temperature != calibration.UNCALIBRATED
+
+    @property
+    def trace_count(self) -> int:
+        """How many times the model function was traced (= compiled); one per bucket used."""
+        return self._traces
+
+    def bucket(self, n: int) -> int:
+        """The padded batch size used for `n` crops (at most `max_batch`; more are chunked)."""
+        return min(_next_power_of_two(n), self.max_batch)
+
+    def warmup(self, max_size: int = 16) -> None:
+        """Compiles the buckets up to `max_size` so first requests are not slow."""
+        size = 1
+        while size <= min(max_size, self.max_batch):
+            self.classify(np.zeros((size, *MNIST_SHAPE), np.float32))
+            size *= 2
+
+    def classify(self, crops: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] of N MNIST-form crops [N, 28, 28] in [0, 1]."""
+        probs, _ = self._classify_timed(crops)
+        return probs
+
+    def _classify_timed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities, and per crop the milliseconds of the model call that classified it."""
+        crops = np.asarray(crops, np.float32)
+        if crops.ndim != 3 or crops.shape[1:] != MNIST_SHAPE:
+            raise ValueError(f"classify takes MNIST-form crops [N, 28, 28], got shape {crops.shape}")
+        n = crops.shape[0]
+        out, ms = [], np.zeros(n, np.float64)
+        for start in range(0, n, self.max_batch):
+            chunk = crops[start:start + self.max_batch]
+            size = self.bucket(len(chunk))
+            batch = np.zeros((size, *MNIST_SHAPE, 1), np.float32)
+            batch[:len(chunk), ..., 0] = chunk
+            with self._lock:
+                t0 = time.perf_counter()
+                probs = np.asarray(self._predict(self.variables, batch))
+                ms[start:start + len(chunk)] = (time.perf_counter() - t0) * 1e3
+            out.append(probs[:len(chunk)])
+        if not out:
+            return np.zeros((0, 0), np.float32), ms
+        return np.concatenate(out), ms
+
+    # ---------------------------------------------------------------- inputs
+
+    def prepare(self, image: ImageInput, mode: str = "number") -> np.ndarray:
+        """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode); raises ImageError."""
+        return prepare_image(image, mode, self.max_digits)
+
+    def read(self, image: ImageInput, mode: str = "number", min_confidence: float | None = None) -> Reading:
+        """Reads one image; raises ImageError (not a Reading with `error`) when it cannot.
+
+        `min_confidence` (default: the Recognizer's) marks the reading unsure below it.
+        """
+        threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
+        t0 = time.perf_counter()
+        probs = self.classify(self.prepare(image, mode))
+        return Reading.from_probabilities(probs, (time.perf_counter() - t0) * 1e3, threshold)
+
+    def recognize(self, images: Sequence[ImageInput] | ImageInput, mode: str = "number",
+                  min_confidence: float | None = None) -> list[Reading]:
+        """Reads each image of a batch; an unreadable image gets a Reading with `error` set.
+
+        `min_confidence` (default: the Recognizer's) marks readings unsure below it.
+        """
+        _check_mode(mode)
+        threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray)) or hasattr(images, "read"):
+            images = [images]
+        crops, counts, prep_ms, errors = [], [], [], []
+        for image in images:
+            t0 = time.perf_counter()
+            error = None
+            try:
+                item = self.prepare(image, mode)
+            except (ImageError, HwrjaxError) as e:
+                item, error = None, str(e)
+            except Exception as e:  # A bug must not sink the rest of the batch; it is logged in full.
+                logging.exception("Unexpected error while reading input %d", len(counts))
+                item, error = None, f"unexpected error ({type(e).__name__}: {e}); please report it"
+            prep_ms.append((time.perf_counter() - t0) * 1e3)
+            errors.append(error)
+            counts.append(0 if item is None else len(item))
+            if item is not None:
+                crops.append(item)
+        if crops:
+            probs, model_ms = self._classify_timed(np.concatenate(crops))
+        else:
+            probs, model_ms = np.zeros((0, 0), np.float32), np.zeros(0)
+        readings, offset = [], 0
+        for k, ms, error in zip(counts, prep_ms, errors):
+            if error is not None:
+                readings.append(Reading("", [], [], [], round(ms, 3), error))
+                continue
+            p = probs[offset:offset + k]
+            model = float(sum(set(model_ms[offset:offset + k].tolist())))
+            offset += k
+            readings.append(Reading.from_probabilities(p, ms + model, threshold))
+        return readings
+
+
+def prepare_image(image: ImageInput, mode: str = "number", max_digits: int = 12) -> np.ndarray:
+    """MNIST-form crops [k, 28, 28] of one input (k = 1 in digit mode, at most `max_digits`); raises ImageError.
+
+    Needs no model, so other processes (hwrjax serve's slow lane) can run it.
+    """
+    _check_mode(mode)
+    if isinstance(image, np.ndarray) or (hasattr(image, "__array__") and not isinstance(image, (bytes, str))):
+        array = np.asarray(image)
+        if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
+            return _mnist_form(array.reshape(MNIST_SHAPE))[None]
+        grey = array
+    else:
+        try:
+            grey = preprocess.load_image(image)
+        except (OSError, SyntaxError, EOFError) as e:  # Pillow's errors for damaged files of a known format
+            name = repr(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "image data"
+            raise ImageError(f"{name} cannot be decoded ({e}); re-export it as PNG, JPEG or BMP") from None
+    if mode == "digit":
+        return preprocess.to_mnist(grey)[None]
+    return np.stack(preprocess.split_digits(grey, max_digits=max_digits))
+
+
+def check_min_confidence(value: Any) -> float:
+    """`value` as a confidence threshold in [0, 1] (0: never unsure); raises ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"min_confidence must be a number in [0, 1] (0 turns it off), got {value!r}")
+    return float(value)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _mnist_form(a: np.ndarray) -> np.ndarray:
+    """A 28x28 MNIST-form array (uint8 0..255 or float 0..1) as float32 in [0, 1]."""
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        return np.clip(a.astype(np.float32) / 255.0, 0.0, 1.0)
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ImageError("28x28 array contains NaN or infinite values; clean it first")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 255:
+        raise ImageError(f"28x28 array values span [{lo:g}, {hi:g}]; pass MNIST form: 0..1 floats or 0..255")
+    return a / 255.0 if hi > 1.0 else a
+
+
+def _load_config(workdir: str):
+    config = checkpoint.load_config(workdir)
+    if "model" not in config or "name" not in config.model:
+        raise CheckpointError(f"{workdir}/config.json has no model section; pass the workdir of a training run")
+    if "dtype" not in config:
+        config.dtype = "float32"
+    return config
+
+
+def _load_variables(workdir: str, which: str | int) -> tuple[dict, int]:
+    if isinstance(which, str) and which not in ("best", "latest"):
+        if not which.isdigit():
+            raise CheckpointError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
+        which = int(which)
+    return checkpoint.load_variables(workdir, which)
+
+
+# -------------------------------------------------------------------- Loading a workdir; finding image files
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hides orbax's warnings about read-only checkpoint options, meaningless to a command's user."""
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _not_regular(path: str) -> str | None:
+    """Why `path` must not be opened (a FIFO, socket or device would block or never end), or None."""
+    try:
+        mode = os.stat(path).st_mode  # stat never opens the file, so it cannot block
+    except OSError:
+        return None  # missing or unreadable: load_image says so
+    if stat.S_ISREG(mode):
+        return None
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device" \
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+    return f"{path!r} is a {kind}, not a regular file; skipped"
+
+
+def find_images(paths: Iterable[str]) -> list[tuple[str, str | None]]:
+    """Expands folders (recursively, image extensions only); returns (path, error or None) rows.
+
+    Only regular files are ever read: a FIFO, socket or device (named, or found in a folder)
+    gets an error row instead of being opened.
+    """
+    rows: list[tuple[str, str | None]] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            rows.append((path, _not_regular(path)))  # A named file is tried; load_image reports problems.
+            continue
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if found:
+            rows += [(f, _not_regular(f)) for f in found]
+        else:
+            rows.append((path, f"folder {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+    return rows

@@ -1,0 +1,53 @@
+"""The `hwrjax` command: evaluate, compare, calibrate, predict, serve, export, finetune.
+
+Each command's `*_main(argv)` lives in a module of this package (hwrjax.cli.evaluate, .predict, .serve,
+.export, .finetune), built with hwrjax.cli.toolkit and calling the applications of hwrjax.apps;
+hwrjax.cli.training is launch.py's side.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# Subcommand -> "module:function"; each function takes the remaining argv and returns an exit code.
+COMMANDS = {
+    "evaluate": ("hwrjax.cli.evaluate:evaluate_main", "metrics, plots, TTA and ensembles of trained runs"),
+    "compare": ("hwrjax.cli.evaluate:compare_main", "a side-by-side table of several workdirs"),
+    "calibrate": ("hwrjax.cli.evaluate:calibrate_main", "fit the temperature that calibrates a run's probabilities"),
+    "predict": ("hwrjax.cli.predict:predict_main", "read digits and numbers from image files"),
+    "serve": ("hwrjax.cli.serve:serve_main", "an HTTP service and a page to draw digits on"),
+    "export": ("hwrjax.cli.export:export_main", "serialize a trained model (stablehlo, savedmodel, tflite)"),
+    "finetune": ("hwrjax.cli.finetune:finetune_main", "continue training on your own samples"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hwrjax COMMAND [options]   (hwrjax COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatches to a subcommand; returns its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"hwrjax: unknown command {name!r}; use one of {', '.join(COMMANDS)}\n")
+        return 2
+    from hwrjax.training.cache import enable_compilation_cache
+
+    enable_compilation_cache(None)
+    module_name, func_name = COMMANDS[name][0].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            sys.stderr.write(f"hwrjax: command {name!r} is not available in this version\n")
+            return 2
+        raise
+    return int(getattr(module, func_name)(rest) or 0)
+

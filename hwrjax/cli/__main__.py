@@ -1,0 +1,7 @@
+"""`python -m hwrjax.cli COMMAND ...`: the `hwrjax` command."""
+
+import sys
+
+from hwrjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""The networks, chosen by name (`create_model(config.model, num_classes)`), and their layers."""
+
+from hwrjax.models.networks import ConvNet, create_model, MLP, ResNet
+
+__all__ = ["MLP", "ConvNet", "ResNet", "create_model"]
