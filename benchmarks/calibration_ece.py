@@ -24,9 +24,8 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.dev_digits import mnist_form  # noqa: E402
-from hwrjax.inference import metrics  # noqa: E402
-from hwrjax.apps import evaluate
-from hwrjax.inference import loader, predict
+from hwrjax.apps import evaluate  # noqa: E402
+from hwrjax.inference import loader, metrics, predict  # noqa: E402
 
 FLAGS = flags.FLAGS
 # --workdir (repeatable) and --output are those benchmarks/dev_digits.py defines (importing it defines them).

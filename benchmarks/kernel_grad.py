@@ -29,8 +29,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import RecipeStep, time_alternating  # noqa: E402
+from hwrjax import models  # noqa: E402
 from hwrjax.models import layers  # noqa: E402
-from hwrjax import models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "fast", "cnn"], "Recipes under configs/ to measure.")

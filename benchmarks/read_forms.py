@@ -60,7 +60,7 @@ def _read(recognizer, images: list[np.ndarray], labels: np.ndarray) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     from configs import default
-    from hwrjax.apps.recognize import quiet_loading, Recognizer
+    from hwrjax.apps.recognize import Recognizer, quiet_loading
     from hwrjax.training import data
     from tests.support import forms
 

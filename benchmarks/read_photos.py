@@ -116,7 +116,7 @@ def _number_job(args: tuple[list[np.ndarray], int, int]) -> list[np.ndarray | No
 
 def main(argv: list[str]) -> None:
     del argv
-    from hwrjax.apps.recognize import quiet_loading, Recognizer
+    from hwrjax.apps.recognize import Recognizer, quiet_loading
 
     workers = FLAGS.workers or os.cpu_count() or 1
     images, labels = _load_test(FLAGS.data_dir or os.environ.get("TFDS_DATA_DIR"))

@@ -27,11 +27,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.timing import time_alternating  # noqa: E402
-from hwrjax.core import augment  # noqa: E402
-from hwrjax import models
-from hwrjax.core import losses, optim, rng, train_state
-from hwrjax.core import steps as steps_lib
-from hwrjax.training import loop, parallel
+from hwrjax import models  # noqa: E402
+from hwrjax.core import augment, losses, optim, rng, train_state  # noqa: E402
+from hwrjax.core import steps as steps_lib  # noqa: E402
+from hwrjax.training import loop, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["resnet", "cnn", "mlp"], "Recipes under configs/ to measure.")

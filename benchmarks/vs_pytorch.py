@@ -28,10 +28,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hwrjax.core import losses  # noqa: E402
-from hwrjax import models
-from hwrjax.core import optim, rng, train_state
-from hwrjax.core import steps as steps_lib
+from hwrjax import models  # noqa: E402
+from hwrjax.core import losses, optim, rng, train_state  # noqa: E402
+from hwrjax.core import steps as steps_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "resnet", "Recipe under configs/ whose ResNet is measured.")

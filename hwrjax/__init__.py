@@ -18,15 +18,15 @@ import jax as _jax
 
 from hwrjax.core import errors, losses, optim
 from hwrjax.core import steps as _steps
-from hwrjax.core.augment import augment_batch, AugmentParams
+from hwrjax.core.augment import AugmentParams, augment_batch
 from hwrjax.core.batch_stats import recompute_batch_stats
 from hwrjax.core.errors import CheckpointError, ConfigError, DataError, HwrjaxError
 from hwrjax.core.losses import cross_entropy, get_loss, huber, mean_squared_error, multiclass_hinge
 from hwrjax.core.optim import make_optimizer, make_schedule
 from hwrjax.core.rng import RunKeys
 from hwrjax.core.steps import summarize_eval
-from hwrjax.core.train_state import averaged, create_train_state, init_ema, TrainState, update_ema
-from hwrjax.models import ConvNet, create_model, MLP, ResNet
+from hwrjax.core.train_state import TrainState, averaged, create_train_state, init_ema, update_ema
+from hwrjax.models import MLP, ConvNet, ResNet, create_model
 
 # jit-compiled pure steps; `loss_fn` (a per-example loss) is static.
 train_step = _jax.jit(_steps.train_step, static_argnames=("loss_fn",))

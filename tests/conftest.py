@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
+from hwrjax import models  # noqa: E402
+from hwrjax.apps import train  # noqa: E402
+from hwrjax.core import optim, train_state  # noqa: E402
 from hwrjax.training import checkpoint  # noqa: E402
-from hwrjax import models
-from hwrjax.apps import train
-from hwrjax.core import optim, train_state
 
 
 def make_workdir(path: str, config=None, seed: int = 0) -> str:

@@ -15,11 +15,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import resnet  # noqa: E402
-from hwrjax.core import augment  # noqa: E402
-from hwrjax import models
-from hwrjax.core import losses, optim, rng, train_state
-from hwrjax.core import steps as steps_lib
-from hwrjax.training import parallel
+from hwrjax import models  # noqa: E402
+from hwrjax.core import augment, losses, optim, rng, train_state  # noqa: E402
+from hwrjax.core import steps as steps_lib  # noqa: E402
+from hwrjax.training import parallel  # noqa: E402
 
 
 EARLY_STEPS = 3  # BN statistics are also recorded after this many steps, before rounding drift compounds

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from configs import default
-from hwrjax.core.augment import augment_batch, AugmentParams
+from hwrjax.core.augment import AugmentParams, augment_batch
 from hwrjax.core.errors import ConfigError
 
 FULL = AugmentParams(rotation_deg=15, scale=0.15, translate_px=3, shear_deg=10, elastic_alpha=2.0, elastic_sigma=3.0)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from hwrjax.apps import preprocess
-from hwrjax.apps.preprocess import ImageError, load_image, NoInkError, split_digits, to_mnist
+from hwrjax.apps.preprocess import ImageError, NoInkError, load_image, split_digits, to_mnist
 from hwrjax.core.errors import HwrjaxError
 from tests.support import forms, synth
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import make_workdir
-from hwrjax.apps.recognize import find_images, Reading, Recognizer
+from hwrjax.apps.recognize import Reading, Recognizer, find_images
 from hwrjax.cli.predict import predict_main
 from hwrjax.core.errors import CheckpointError
 from hwrjax.training.checkpoint import load_config

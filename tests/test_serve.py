@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from hwrjax.apps.recognize import Recognizer
-from hwrjax.apps.serve import create_app, Limits, MicroBatcher, serve_in_thread
+from hwrjax.apps.serve import Limits, MicroBatcher, create_app, serve_in_thread
 from test_recognize import draw_digit, drawn_number, png_bytes, shared_untrained_workdir
 
 LIMIT = 200_000

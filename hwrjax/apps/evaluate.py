@@ -27,8 +27,8 @@ from hwrjax.core import losses as losses_lib
 from hwrjax.core.errors import CheckpointError, DataError, HwrjaxError
 from hwrjax.inference import calibration as calibration_lib
 from hwrjax.inference import metrics as metrics_lib
-from hwrjax.inference.loader import load_model, LoadedModel
-from hwrjax.inference.predict import check_count, check_same_dataset, ensemble_both, fit_calibration, TTA_AUGMENT
+from hwrjax.inference.loader import LoadedModel, load_model
+from hwrjax.inference.predict import TTA_AUGMENT, check_count, check_same_dataset, ensemble_both, fit_calibration
 from hwrjax.training import runlock
 from hwrjax.training import checkpoint as checkpoint_lib
 
@@ -163,6 +163,7 @@ def _check_which(which: str | int) -> str | int:
 
 
 def workdir_list(workdirs: str | os.PathLike | Sequence[str]) -> list[str]:
+    """`workdirs` (one or several) as a list of distinct paths; raises HwrjaxError for none or a repeat."""
     items = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
     items = [os.fspath(w) for w in items]
     if not items:

@@ -90,6 +90,7 @@ def _input_spec(batch_size: int | None) -> jax.ShapeDtypeStruct:
 
 
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    """`platforms` as a tuple; raises ExportError for none or an unknown one."""
     platforms = tuple(platforms)
     unknown = [p for p in platforms if p not in PLATFORMS + ("rocm",)]
     if not platforms or unknown:

@@ -13,7 +13,7 @@ cosine to zero. Each batch takes a `mix` share of the user's
 training samples, a pass over them per epoch in an order keyed by fold_in(order key, epoch)
 (small sets are thus oversampled), and fills the rest with MNIST training examples drawn
 with fold_in(key, step); the base recipe's augmentation and dropout keys are
-fold_in(key, step) as in `hwrjax.training.loop`, so a fine-tune is reproducible from its seed.
+fold_in(key, step) as in `hwrjax.core.steps`, so a fine-tune is reproducible from its seed.
 
 The output is a normal workdir (config.json with a `finetune` block, checkpoints, metrics,
 report/test_metrics.json) plus report/finetune.json with the accuracy on the user's
@@ -183,6 +183,7 @@ def split_samples(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.nda
 
 
 def check_output_workdir(output: str, base: str) -> str:
+    """The absolute output path; raises FinetuneError unless it is new (or empty) and not the base run's."""
     path = os.path.abspath(os.path.expanduser(output))
     if path == os.path.abspath(base):
         raise FinetuneError("--output-workdir must differ from --workdir; the base run is never changed")
@@ -202,6 +203,7 @@ def check_output_workdir(output: str, base: str) -> str:
 
 
 def check_options(o: FinetuneOptions) -> None:
+    """Raises FinetuneError (one line naming the fix) for an option out of range, before any work."""
     if isinstance(o.epochs, bool) or not isinstance(o.epochs, int) or o.epochs <= 0:
         raise FinetuneError(f"epochs must be a positive integer, got {o.epochs!r}")
     if not 0.0 < o.mix <= 1.0:

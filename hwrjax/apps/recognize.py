@@ -26,12 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from hwrjax import models
 from hwrjax.apps import preprocess
 from hwrjax.apps.preprocess import ImageError
 from hwrjax.core import losses
 from hwrjax.core.errors import CheckpointError, HwrjaxError
-from hwrjax.inference import calibration
+from hwrjax.inference import calibration, loader
 from hwrjax.training import checkpoint
 
 __all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "prepare_image", "quiet_loading"]
@@ -88,34 +87,6 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _build_model(model_config: Any, dtype: str, params: Any) -> Any:
-    """The model of `model_config` with the class count of saved `params`; checks every shape."""
-    x = jnp.zeros((1, *MNIST_SHAPE, 1), jnp.float32)
-
-    def shapes(n: int) -> tuple[Any, list]:
-        model = models.create_model(model_config, num_classes=n, dtype=dtype)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-        return model, jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
-
-    # The leaf whose shape changes with num_classes tells the saved class count.
-    (_, ten), (_, eleven) = shapes(10), shapes(11)
-    num_classes = None
-    for (path, a), (_, b) in zip(ten, eleven):
-        if a.shape != b.shape:
-            axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
-            leaf = params
-            for key in path:
-                leaf = leaf[key.key]
-            num_classes = int(np.shape(leaf)[axis])
-            break
-    if num_classes is None:
-        raise CheckpointError("cannot tell the number of classes of this model from its parameters")
-    model, want = shapes(num_classes)
-    got = jax.tree_util.tree_flatten_with_path(params)[0]
-    if [(jax.tree_util.keystr(p), tuple(a.shape)) for p, a in want] != \
-            [(jax.tree_util.keystr(p), tuple(np.shape(a))) for p, a in got]:
-        raise KeyError("parameter names or shapes differ")
-    return model
 
 
 class Recognizer:
@@ -161,7 +132,7 @@ class Recognizer:
         config = _load_config(workdir)
         variables, step = _load_variables(workdir, checkpoint)
         try:
-            model = _build_model(config.model, config.dtype, variables["params"])
+            model = loader.build_model(config.model, config.dtype, variables["params"])
         except (KeyError, AttributeError, TypeError, IndexError) as e:
             raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
                                   "pass the workdir the checkpoint was trained in") from None

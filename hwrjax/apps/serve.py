@@ -80,7 +80,7 @@ except ModuleNotFoundError as e:  # The serving libraries are an optional extra.
 
 from hwrjax.apps import preprocess
 from hwrjax.apps.preprocess import ImageError
-from hwrjax.apps.recognize import check_min_confidence, MODES, prepare_image, Reading, Recognizer
+from hwrjax.apps.recognize import MODES, Reading, Recognizer, check_min_confidence, prepare_image
 from hwrjax.core.errors import HwrjaxError
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "LIGHT_PIXELS", "LIGHT_SIDE", "Limits", "MicroBatcher", "create_app",
@@ -465,6 +465,7 @@ def _is_ip(name: str) -> bool:
 
 
 def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address or name (only this machine can connect)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from hwrjax.apps.export import check_output, check_platforms, export_model, ExportError, FORMATS, PLATFORMS
+from hwrjax.apps.export import FORMATS, PLATFORMS, ExportError, check_output, check_platforms, export_model
 from hwrjax.cli.toolkit import ArgumentParser, parse_checkpoint, run_command
 from hwrjax.core import losses as losses_lib
 from hwrjax.core.errors import CheckpointError

@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Sequence
 
-from hwrjax.apps.finetune import (check_options, check_output_workdir, finetune, FinetuneError, FinetuneOptions,
-                                  load_samples, REPORT_NAME)
+from hwrjax.apps.finetune import (REPORT_NAME, FinetuneError, FinetuneOptions, check_options, check_output_workdir,
+                                  finetune, load_samples)
 from hwrjax.cli.toolkit import ArgumentParser, parse_checkpoint, run_command
 from hwrjax.inference.loader import load_model
 

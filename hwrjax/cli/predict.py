@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from hwrjax.apps import labelled
-from hwrjax.apps.recognize import check_min_confidence, find_images, MODES, quiet_loading, Reading, Recognizer
+from hwrjax.apps.recognize import MODES, Reading, Recognizer, check_min_confidence, find_images, quiet_loading
 from hwrjax.core.errors import HwrjaxError
 from hwrjax.training.logs import quiet_library_logs
 

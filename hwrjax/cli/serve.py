@@ -9,8 +9,8 @@ import time
 
 from absl import logging
 
-from hwrjax.apps.recognize import quiet_loading, Recognizer
-from hwrjax.apps.serve import bind_socket, create_app, is_loopback, Limits, uvicorn_config
+from hwrjax.apps.recognize import Recognizer, quiet_loading
+from hwrjax.apps.serve import Limits, bind_socket, create_app, is_loopback, uvicorn_config
 from hwrjax.core.errors import HwrjaxError
 from hwrjax.training.logs import quiet_library_logs
 

@@ -103,6 +103,36 @@ def _inference_variables(params: Any, batch_stats: Any) -> dict:
     return variables
 
 
+def build_model(model_config: Any, dtype: str, params: Any) -> Any:
+    """The model of `model_config` with the class count of saved `params`; checks every shape."""
+    x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
+
+    def shapes(n: int) -> tuple[Any, list]:
+        model = models_lib.create_model(model_config, num_classes=n, dtype=dtype)
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+        return model, jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+
+    # The leaf whose shape changes with num_classes tells the saved class count.
+    (_, ten), (_, eleven) = shapes(10), shapes(11)
+    num_classes = None
+    for (path, a), (_, b) in zip(ten, eleven):
+        if a.shape != b.shape:
+            axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
+            leaf = params
+            for key in path:
+                leaf = leaf[key.key]
+            num_classes = int(np.shape(leaf)[axis])
+            break
+    if num_classes is None:
+        raise CheckpointError("cannot tell the number of classes of this model from its parameters")
+    model, want = shapes(num_classes)
+    got = jax.tree_util.tree_flatten_with_path(params)[0]
+    if [(jax.tree_util.keystr(p), tuple(a.shape)) for p, a in want] != \
+            [(jax.tree_util.keystr(p), tuple(np.shape(a))) for p, a in got]:
+        raise KeyError("parameter names or shapes differ")
+    return model
+
+
 def load_model(workdir: str, which: str | int = "best") -> LoadedModel:
     """Loads the best, latest or a given step's checkpoint of `workdir` for inference."""
     config = checkpoint_lib.load_config(workdir)

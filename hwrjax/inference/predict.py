@@ -26,7 +26,7 @@ from hwrjax.core import augment as augment_lib
 from hwrjax.core.errors import CheckpointError, DataError, HwrjaxError
 from hwrjax.inference import calibration as calibration_lib
 from hwrjax.inference import metrics as metrics_lib
-from hwrjax.inference.loader import as_loaded_model, IMAGE_SHAPE, LoadedModel
+from hwrjax.inference.loader import IMAGE_SHAPE, LoadedModel, as_loaded_model
 
 
 # Mild ranges: a digit stays clearly itself under every view.
@@ -90,6 +90,7 @@ def _check_images(images: Any) -> np.ndarray:
 
 
 def check_count(value: Any, name: str, minimum: int) -> int:
+    """`value` as an int; raises HwrjaxError naming `name` unless it is a whole number >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise HwrjaxError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)

@@ -9,7 +9,7 @@ average under `ema`), `opt` the step and optimizer state, and
 `meta` (JSON) the early-stopping bookkeeping and a sha256 of each array item (`checksums`),
 checked on every restore: a checkpoint whose arrays do not match is damaged. Non-finite
 weights are never saved. The data position is not saved: it follows from the step (see
-hwrjax.training.loop).
+hwrjax.core.steps).
 """
 
 from __future__ import annotations

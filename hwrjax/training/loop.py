@@ -31,15 +31,15 @@ from hwrjax.core import losses as losses_lib
 from hwrjax.core import optim as optim_lib
 from hwrjax.core import rng as rng_lib
 from hwrjax.core.errors import ConfigError, Diverged, Preempted, WorkdirBusy
-from hwrjax.core.steps import (epoch_order, eval_step, make_batch_fn, make_fused_pmap_step, make_step_fn, PMAP_AXIS,
+from hwrjax.core.steps import (PMAP_AXIS, epoch_order, eval_step, make_batch_fn, make_fused_pmap_step, make_step_fn,
                                summarize_eval, to_float_images)
-from hwrjax.core.train_state import averaged, create_train_state, init_ema, TrainState, with_delivered_batch_stats
+from hwrjax.core.train_state import TrainState, averaged, create_train_state, init_ema, with_delivered_batch_stats
 from hwrjax.training import parallel, runlock
 from hwrjax.training import checkpoint as checkpoint_lib
 from hwrjax.training import data as data_lib
 from hwrjax.training.config_checks import check_workdir, config_as_dict, config_differences, validate_config
 from hwrjax.training.logs import MetricLogger
-from hwrjax.training.preemption import signal_at_step_hook, StopSignal
+from hwrjax.training.preemption import StopSignal, signal_at_step_hook
 
 
 @dataclasses.dataclass(frozen=True)
