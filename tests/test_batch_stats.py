@@ -129,7 +129,8 @@ def test_a_run_validates_selects_and_delivers_recomputed_statistics(tmp_path, re
 _SHARDED = """
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from hwrjax import batch_stats, models
+from hwrjax import models
+from hwrjax.core import batch_stats
 model = models.ResNet(stage_sizes=(1,), stage_widths=(8,), stem_width=8)
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8))
 variables = model.init(jax.random.key(0), images[:1].astype(jnp.float32))

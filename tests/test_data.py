@@ -135,7 +135,7 @@ def test_cached_launch_does_not_import_tensorflow(require_mnist, disk_cache):
     import subprocess
     import sys
 
-    code = ("import sys; from configs import default; from hwrjax import data; c = default.get_config(); "
+    code = ("import sys; from configs import default; from hwrjax.training import data; c = default.get_config(); "
             "c.dataset.test_split = 'test[:100]'; s = data.load_splits(c); "
             "print(len(s.train), len(s.test), 'tensorflow' in sys.modules)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_tensorflow_sees_no_accelerator_before_it_decodes(require_mnist):
         import tensorflow as tf
         import tensorflow_datasets as tfds
         from configs import default
-        from hwrjax import data
+        from hwrjax.training import data
         events = []
         real_hide, real_as_dataset = tf.config.set_visible_devices, tfds.core.DatasetBuilder.as_dataset
         def hide(devices, device_type=None):

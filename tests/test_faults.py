@@ -232,7 +232,7 @@ def test_second_launch_is_refused_while_the_first_runs(tmp_path, require_mnist):
 
 def test_lock_of_a_killed_process_is_stale(tmp_path):
     workdir = str(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hwrjax import runlock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hwrjax.training import runlock; "
                                f"runlock.acquire({workdir!r}); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -129,7 +129,7 @@ def test_tensorboard_writer_does_not_import_torch(tmp_path):
     fake = tmp_path / "site" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("FAKE = True\n")
-    code = ("import sys; from hwrjax import logs; W = logs.summary_writer_class(); "
+    code = ("import sys; from hwrjax.training import logs; W = logs.summary_writer_class(); "
             "imported = 'torch' in sys.modules; "
             f"w = W({str(tmp_path / 'tb')!r}); w.add_scalar('loss', 0.5, 1); w.close(); "
             "import torch; print(imported, getattr(torch, 'FAKE', False))")

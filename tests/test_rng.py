@@ -30,13 +30,14 @@ def test_another_prng_implementation_trains():
         import jax
         jax.config.update("jax_default_prng_impl", "rbg")
         import jax.numpy as jnp, optax
-        from hwrjax import models, rng, train
+        from hwrjax import models
+        from hwrjax.core import rng, steps, train_state
         keys = rng.RunKeys.from_seed(0)
         assert "rbg" in str(jax.random.key_impl(keys.init)), jax.random.key_impl(keys.init)
         model = models.MLP(hidden_sizes=(8,), dropout_rate=0.5)
-        state = train.create_train_state(model, optax.sgd(0.1), keys.init)
+        state = train_state.create_train_state(model, optax.sgd(0.1), keys.init)
         batch = {"image": jnp.ones((4, 28, 28, 1)), "label": jnp.arange(4)}
-        state, metrics = jax.jit(train.train_step)(state, batch, jax.random.fold_in(keys.dropout, 0))
+        state, metrics = jax.jit(steps.train_step)(state, batch, jax.random.fold_in(keys.dropout, 0))
         print(float(metrics["loss"]) > 0)
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
