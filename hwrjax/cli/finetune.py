@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over your training samples")
     p.add_argument("--mix", type=float, default=d.mix, help="share of each batch from your samples (rest: MNIST)")
     p.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=None,
-                   help="peak learning rate, cosine-decayed to 0 (default: a third of the base run's peak)")
+                   help="peak learning rate, cosine-decayed to 0 (default: a tenth of the base run's peak)")
     p.add_argument("--holdout", type=float, default=d.holdout, help="share of each class held out to measure")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="batch size (default: the base run's)")
