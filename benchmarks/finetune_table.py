@@ -9,7 +9,7 @@ files of dark ink on white, as a user would have them (`digits_folder.write_fold
 at that native size by the Recognizer in digit mode (the path of `hwrjax predict --mode=digit`,
 which upsamples). For each k in --per_class and each of --draws draws, k files of each digit
 are chosen at random (split by sample), put in a samples folder (sub-folders 0..9) and given to
-`hwrjax.finetune.finetune` with holdout 0; every other file is held out and read before (the
+`hwrjax.apps.finetune.finetune` with holdout 0; every other file is held out and read before (the
 base run) and after (the fine-tuned run). Draw d takes the first k of one permutation per class,
 so the 5 are among the 10 and the 10 among the 20. MNIST test accuracy before and after comes
 from the fine-tune's own report (its base run's test split).
@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from digits_folder import write_folder  # noqa: E402
-from hwrjax import finetune as finetune_lib  # noqa: E402
-from hwrjax.errors import HwrjaxError  # noqa: E402
-from hwrjax.recognize import Recognizer  # noqa: E402
+from hwrjax.apps import finetune as finetune_lib  # noqa: E402
+from hwrjax.apps.recognize import Recognizer  # noqa: E402
+from hwrjax.core.errors import HwrjaxError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of the trained base run (read only).", required=True)
