@@ -1,28 +1,22 @@
 """What reading one image costs in preprocessing: decoding included, medians over repeats.
 
   python benchmarks/preprocess_speed.py                          # per-image medians
-  python benchmarks/preprocess_speed.py --workdir=runs/resnet    # plus `hwrjax predict` on 5,000 files
 
 Per image (PNG or JPEG bytes -> `load_image` -> `to_mnist`, the path of `hwrjax predict
 --mode=digit`): an 8x8 scan, a 28x28 digit, a 64x64 tight crop, a 640x480 photo, a
 12-megapixel phone photo (4000x3000 JPEG of a digit on lit, noisy paper), and hostile
 inputs (a 1-px line 5000 px long, a 2800x2800 RGBA PNG, a 16x16 noise image). Reported as
-the median of --repeats runs each, so a busy machine moves the figures less.
-
-With --workdir: `hwrjax predict --mode=digit --format=json` on a folder of --files small
-tight-crop PNGs (16-32 px), timed against the same command on 50 of them, so the
-difference is the reading rate after start-up (loading JAX and the model, compiling).
+the median of --repeats runs each, so a busy machine moves the figures less; CPU time
+beside wall time, since a shared machine moves the wall figure most. `hwrjax predict` on a
+folder of small images is timed by benchmarks/predict_rate.py.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -33,8 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 30, "Timed runs per input (the median is reported).")
-flags.DEFINE_string("workdir", "", "A training workdir: also time `hwrjax predict` on a folder.")
-flags.DEFINE_integer("files", 5000, "Files in the folder given to `hwrjax predict`.")
 
 
 def _encode(a: np.ndarray | Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -94,35 +86,6 @@ def _time_one(data: bytes) -> tuple[float, float, str]:
     return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3, outcome
 
 
-def _predict_rate(workdir: str, files: int) -> None:
-    from hwrjax.training import data as hdata
-    from tests.support import forms
-    from configs import default
-
-    test = hdata.load_split(hdata.ensure_prepared(default.get_config()), "test")
-    rng = np.random.default_rng(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        for sub, n in (("few", 50), ("many", files)):
-            os.makedirs(os.path.join(tmp, sub))
-            for i in range(n):
-                size = int(rng.integers(16, 33))
-                img = forms.tight_crop(test.images[i % len(test.images), ..., 0], size)
-                Image.fromarray((img * 255).astype(np.uint8)).save(os.path.join(tmp, sub, f"{i:05d}.png"))
-        walls, cpus = {}, {}
-        for sub in ("few", "many"):
-            cmd = [sys.executable, "-m", "hwrjax.cli", "predict", f"--workdir={workdir}", "--mode=digit",
-                   "--format=json", os.path.join(tmp, sub)]
-            t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            walls[sub] = time.perf_counter() - t0
-            cpus[sub] = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
-        rate = (files - 50) / max(walls["many"] - walls["few"], 1e-9)
-        cpu_ms = 1e3 * (cpus["many"] - cpus["few"]) / (files - 50)
-        print(f"hwrjax predict: {files} files in {walls['many']:.1f} s, 50 in {walls['few']:.1f} s "
-              f"-> {rate:.0f} images/s after start-up ({cpu_ms:.2f} ms of CPU per image, all threads)")
-
-
 def main(argv: list[str]) -> None:
     del argv
     for name, data in _inputs().items():
@@ -132,8 +95,6 @@ def main(argv: list[str]) -> None:
         cpu = statistics.median(c for _, c, _ in runs)
         print(f"{name:26s} {len(data):>9,} bytes  median {wall:8.2f} ms wall, {cpu:8.2f} ms CPU  ({runs[0][2]})",
               flush=True)
-    if FLAGS.workdir:
-        _predict_rate(FLAGS.workdir, FLAGS.files)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import make_workdir
-from hwrjax.apps.recognize import Reading, Recognizer, find_images
-from hwrjax.cli.predict import predict_main
+from hwrjax.apps.recognize import PreparePool, PreparePoolError, Reading, Recognizer, find_images, prepare_batch
+from hwrjax.cli import predict as cli_predict
+from hwrjax.cli.predict import POOL_MIN_IMAGES, default_workers, predict_main
 from hwrjax.core.errors import CheckpointError
 from hwrjax.training.checkpoint import load_config
 from tests.support import synth
@@ -303,3 +304,89 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, workdi
     (bad / "config.json").write_text(config.to_json())
     with pytest.raises(CheckpointError, match="does not match its config.json"):
         Recognizer.from_workdir(str(bad))
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Digits, numbers and unreadable files in several captures, for comparing the pool with one process."""
+    root = tmp_path_factory.mktemp("mixed")
+    images = [draw_digit(1), 255 - draw_digit(7), drawn_number([4, 0]), draw_digit(4, width=14),
+              np.kron(255 - draw_digit(0), np.ones((3, 3), np.uint8)), drawn_number([7, 1, 4]),
+              np.full((30, 30), 255, np.uint8), 255 - draw_digit(1)]
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(root / f"{i:02d}.png")
+    (root / "03b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+def test_worker_processes_read_like_one_process(workdir, mixed_folder, capsys):
+    args = [f"--workdir={workdir}", "--format=json", "--batch-size=2", str(mixed_folder)]
+    assert predict_main(args + ["--workers=0"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert predict_main(args + ["--workers=2"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+
+    def without_times(rows):
+        return [{k: v for k, v in row.items() if k != "time_ms"} for row in rows]
+
+    assert without_times(pooled) == without_times(alone)  # the same readings, in the same order
+    assert [os.path.basename(r["path"]) for r in pooled] == sorted(os.listdir(mixed_folder))
+    errors = {os.path.basename(r["path"]): r["error"] for r in pooled}
+    assert "03b.png" in errors and errors.pop("03b.png")  # the broken file is refused ...
+    assert errors.pop("06.png").startswith("no ink")  # ... and so is blank paper,
+    assert not any(errors.values())  # and every other file is read
+    assert [len(r["digits"]) for r in pooled if r["path"].endswith(("02.png", "05.png"))] == [2, 3]
+
+
+class _ExitWhenUnpickled:
+    """An input whose unpickling ends the process reading it: a worker that dies mid-batch."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_workers_prepare_like_this_process_in_order_and_a_dead_one_is_a_clear_error(mixed_folder):
+    files = [str(p) for p in sorted(mixed_folder.iterdir())]
+    batches = [files[i:i + 2] for i in range(0, len(files), 2)] + [[]]
+    with PreparePool(2, "number") as pool:
+        assert pool.wait_ready(timeout=300), "the workers did not start"
+        pooled = list(pool.map(batches))
+        alone = [prepare_batch(batch, "number") for batch in batches]
+        assert len(pooled) == len(alone) == len(batches) and pooled[-1] == []
+        for got, want in zip(pooled, alone):
+            assert [(e, None if c is None else c.tolist()) for c, e, _ in got] == \
+                [(e, None if c is None else c.tolist()) for c, e, _ in want]
+        with pytest.raises(PreparePoolError, match=r"worker process died .* \(hwrjax predict --workers=0\)"):
+            list(pool.map([[files[0]], [_ExitWhenUnpickled()], [files[1]]]))
+
+
+def test_predict_reports_a_dead_worker_in_one_line(workdir, mixed_folder, capsys, monkeypatch):
+    class DyingPool:
+        def __init__(self, workers, mode):
+            self.workers = workers
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def map(self, batches):
+            raise PreparePoolError("a preprocessing worker process died while reading a batch; read in one "
+                                   "process instead (hwrjax predict --workers=0)")
+            yield
+
+    monkeypatch.setattr(cli_predict, "PreparePool", DyingPool)
+    assert predict_main([f"--workdir={workdir}", "--workers=2", str(mixed_folder)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("hwrjax predict: error: a preprocessing worker process died")
+
+
+def test_few_images_are_prepared_in_this_process():
+    assert default_workers(POOL_MIN_IMAGES - 1) == 0 and default_workers(0) == 0
+    assert 1 <= default_workers(POOL_MIN_IMAGES) <= (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="workers"):
+        PreparePool(0)

@@ -13,13 +13,17 @@ in one model call, padded to a power-of-two batch size so each size is compiled 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import multiprocessing
 import os
 import stat
 import threading
 import time
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,8 @@ from hwrjax.core.errors import CheckpointError, HwrjaxError
 from hwrjax.inference import calibration, loader
 from hwrjax.training import checkpoint
 
-__all__ = ["MODES", "IMAGE_EXTENSIONS", "Reading", "Recognizer", "find_images", "prepare_image", "quiet_loading"]
+__all__ = ["MODES", "IMAGE_EXTENSIONS", "PreparePool", "PreparePoolError", "Reading", "Recognizer", "find_images",
+           "prepare_batch", "prepare_image", "quiet_loading"]
 
 MODES = ("number", "digit")
 # Extensions `hwrjax predict` picks up when it walks a folder (files named directly are always read).
@@ -231,18 +236,15 @@ class Recognizer:
         threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, np.ndarray)) or hasattr(images, "read"):
             images = [images]
+        prepared = [_prepare_one(functools.partial(self.prepare, image, mode), i) for i, image in enumerate(images)]
+        return self.read_prepared(prepared, threshold)
+
+    def read_prepared(self, prepared: Sequence[Prepared], min_confidence: float | None = None) -> list[Reading]:
+        """Readings of inputs already prepared (by `prepare_batch`, here or in a worker): one model call."""
+        threshold = self.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
         crops, counts, prep_ms, errors = [], [], [], []
-        for image in images:
-            t0 = time.perf_counter()
-            error = None
-            try:
-                item = self.prepare(image, mode)
-            except (ImageError, HwrjaxError) as e:
-                item, error = None, str(e)
-            except Exception as e:  # A bug must not sink the rest of the batch; it is logged in full.
-                logging.exception("Unexpected error while reading input %d", len(counts))
-                item, error = None, f"unexpected error ({type(e).__name__}: {e}); please report it"
-            prep_ms.append((time.perf_counter() - t0) * 1e3)
+        for item, error, ms in prepared:
+            prep_ms.append(ms)
             errors.append(error)
             counts.append(0 if item is None else len(item))
             if item is not None:
@@ -261,6 +263,136 @@ class Recognizer:
             offset += k
             readings.append(Reading.from_probabilities(p, ms + model, threshold))
         return readings
+
+
+# One input made ready for the model: its crops [k, 28, 28] or None, the error or None, and the milliseconds.
+Prepared = tuple[Union[np.ndarray, None], Union[str, None], float]
+
+
+def _prepare_one(prepare: Callable[[], np.ndarray], index: int) -> Prepared:
+    """`prepare()` (the crops of input `index` of a batch), with a refusal or a bug turned into its error."""
+    t0 = time.perf_counter()
+    item, error = None, None
+    try:
+        item = prepare()
+    except (ImageError, HwrjaxError) as e:
+        error = str(e)
+    except Exception as e:  # A bug must not sink the rest of the batch; it is logged in full.
+        logging.exception("Unexpected error while reading input %d", index)
+        error = f"unexpected error ({type(e).__name__}: {e}); please report it"
+    return item, error, (time.perf_counter() - t0) * 1e3
+
+
+def prepare_batch(images: Sequence[ImageInput], mode: str = "number", max_digits: int = 12) -> list[Prepared]:
+    """(crops or None, error or None, ms) of each input, for `Recognizer.read_prepared`; needs no model, so
+    worker processes run it (see `PreparePool`)."""
+    _check_mode(mode)
+    return [_prepare_one(functools.partial(prepare_image, image, mode, max_digits), i) for i, image in enumerate(images)]
+
+
+class PreparePoolError(HwrjaxError):
+    """A preprocessing worker process died (killed, out of memory, a crash in a decoder)."""
+
+
+class PreparePool:
+    """Prepares batches of images in worker processes while the calling process runs the model.
+
+    `map(batches)` yields each batch's `prepare_batch` result in the order given, so readings
+    come out as they would in one process. At most `2 * workers` batches are queued or being
+    prepared at a time: memory stays bounded however many files there are. The workers start
+    as soon as the pool is made, so their start-up overlaps the model's loading; until they are
+    ready the calling process prepares batches itself. They are never forked from the calling
+    process (it may run JAX's threads): where the platform has it, a fork server (a fresh
+    interpreter that imports this module once, and runs no JAX) forks them, so N workers cost
+    one import; elsewhere each is spawned. A worker that dies raises PreparePoolError naming
+    the batch it was reading; the pool is then unusable.
+    """
+
+    def __init__(self, workers: int, mode: str = "number", max_digits: int = 12):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        _check_mode(mode)
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # no effect once a server runs; it then imports on demand
+        else:
+            context = multiprocessing.get_context("spawn")
+        self.workers, self.mode, self.max_digits = workers, mode, max_digits
+        self._context = context
+        self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        self._started: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        # From a thread: a fork server's first child waits for the server's imports, which this process
+        # should overlap (and a pool closed meanwhile must not wait for them).
+        self._starter = threading.Thread(target=self._start, name="hwrjax-prepare-pool-start", daemon=True)
+        self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            if self._context.get_start_method() == "forkserver":
+                # A bare process first: it returns once the server has imported this module, and if this
+                # process exits meanwhile it still starts and ends cleanly (a pool worker would not).
+                probe = self._context.Process(target=os.getpid, daemon=True)
+                probe.start()
+                probe.join()
+        except Exception:  # e.g. no fork server can start: the pool starts its processes when first used
+            logging.exception("Starting the preprocessing workers ahead of use failed")
+        with self._lock:
+            if not self._closed:  # processes start on demand: one task each starts them all
+                self._started.extend(self._pool.submit(os.getpid) for _ in range(self.workers))
+
+    def ready(self) -> bool:
+        """True once every worker has started (or the pool broke: then `map` raises)."""
+        return not self._starter.is_alive() and all(f.done() for f in self._started)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Waits until `ready()` (at most `timeout` seconds); returns it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._starter.join(timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        concurrent.futures.wait(self._started, timeout=left)
+        return self.ready()
+
+    def map(self, batches: Iterable[Sequence[ImageInput]]) -> Iterator[list[Prepared]]:
+        """`prepare_batch(batch, mode, max_digits)` of each batch, in order; in the workers once they are ready."""
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            batch = list(batch)
+            if not pending and not self.ready():  # the workers are still starting: do not wait for them
+                yield prepare_batch(batch, self.mode, self.max_digits)
+                continue
+            pending.append((batch, self._pool.submit(prepare_batch, batch, self.mode, self.max_digits)
+                            if batch else None))
+            if len(pending) >= 2 * self.workers:
+                yield self._result(*pending.popleft())
+        while pending:
+            yield self._result(*pending.popleft())
+
+    @staticmethod
+    def _result(batch: list, future: concurrent.futures.Future | None) -> list[Prepared]:
+        if future is None:
+            return []
+        try:
+            return future.result()
+        except concurrent.futures.process.BrokenProcessPool:
+            first = batch[0] if isinstance(batch[0], (str, os.PathLike)) else "an image"
+            raise PreparePoolError(
+                f"a preprocessing worker process died while reading a batch of {len(batch)} starting at "
+                f"{os.fspath(first)!r} (killed, out of memory, or a crash in a decoder); read in one process "
+                "instead (hwrjax predict --workers=0)") from None
+
+    def close(self) -> None:
+        """Stops the workers (queued batches are dropped); does not wait for a fork server still importing."""
+        with self._lock:
+            self._closed = True  # the starting thread starts no worker after this
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "PreparePool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def prepare_image(image: ImageInput, mode: str = "number", max_digits: int = 12) -> np.ndarray:

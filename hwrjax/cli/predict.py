@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import os
 import sys
 from typing import Any
 
 from hwrjax.apps import labelled
-from hwrjax.apps.recognize import MODES, Reading, Recognizer, check_min_confidence, find_images, quiet_loading
+from hwrjax.apps.recognize import (MODES, PreparePool, PreparePoolError, Reading, Recognizer, check_min_confidence,
+                                   find_images, prepare_batch, quiet_loading)
 from hwrjax.core.errors import HwrjaxError
 from hwrjax.training.logs import quiet_library_logs
 
@@ -97,12 +100,27 @@ def _probability(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
 
 
+# Images are prepared in worker processes from this many on: below it, starting them (a fork server
+# importing the library, ~2 s of CPU) costs more than they save.
+POOL_MIN_IMAGES = 1000
+MAX_WORKERS = 64
+
+
+def default_workers(images: int) -> int:
+    """Worker processes `hwrjax predict` uses for `images` images: one per usable core, or 0 for few images."""
+    if images < POOL_MIN_IMAGES:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, MAX_WORKERS)
+
+
 def predict_main(argv: list[str]) -> int:
     """`hwrjax predict`: reads digits from image files; exit 0 if any image was read, 1 if none, 2 on usage errors."""
     parser = argparse.ArgumentParser(
         prog="hwrjax predict",
         description="Read handwritten digits or numbers from image files (PNG, JPEG, BMP, ...) or folders of them.",
-        epilog="Exit status: 0 if at least one image was read, 1 if none could be, 2 for bad options or workdir.")
+        epilog="Exit status: 0 if at least one image was read, 1 if none could be (or a preprocessing worker died), "
+               "2 for bad options or workdir.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--workdir", required=True, help="workdir of a training run")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
@@ -114,12 +132,17 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--min-confidence", type=_probability, default=0.0,
                         help="mark a reading unsure when a digit's calibrated probability is below this (0..1; "
                              "default 0: never); the digits are still given")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that preprocess images while this one runs the model (default: one per "
+                             f"core for {POOL_MIN_IMAGES:,} images or more, else 0: everything in this process)")
     parser.add_argument("--labelled", action="store_true",
                         help="each PATH is a folder of labelled images (sub-folders 0..9 named after their digit): "
                              "rows give the label and whether the reading was right, then a summary")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be in 0..{MAX_WORKERS}")
     mode = args.mode or ("digit" if args.labelled else "number")
 
     quiet_library_logs()
@@ -130,25 +153,38 @@ def predict_main(argv: list[str]) -> int:
             items += [(path, f"skipped: {why}", None) for scan in scans for path, why in scan.skipped]
         else:
             items = [(path, error, None) for path, error in find_images(args.paths)]
-        with quiet_loading():
-            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
     except HwrjaxError as e:
         sys.stderr.write(f"hwrjax predict: error: {e}\n")
         return 2
-    if not recognizer.calibrated:
-        sys.stderr.write(f"hwrjax predict: note: {args.workdir} has no fitted temperature for step {recognizer.step}; "
-                         f"probabilities are uncalibrated (T=1) (fit one with `hwrjax calibrate "
-                         f"--workdir={args.workdir}`)\n")
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start:start + args.batch_size]
-        todo = [path for path, error, _ in chunk if error is None]
-        readings = iter(recognizer.recognize(todo, mode=mode)) if todo else iter(())
-        for path, error, label in chunk:
-            if error is not None and label is None and args.labelled:
-                continue  # skipped entries of a labelled folder are listed after the table
-            reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
-            rows.append(_row(path, reading, label if args.labelled else None))
+    chunks = [items[start:start + args.batch_size] for start in range(0, len(items), args.batch_size)]
+    batches = [[path for path, error, _ in chunk if error is None] for chunk in chunks]
+    workers = default_workers(sum(map(len, batches))) if args.workers is None else args.workers
+    # Started before the model loads, so that the workers' start-up overlaps it.
+    with PreparePool(workers, mode) if workers else contextlib.nullcontext() as pool:
+        try:
+            with quiet_loading():
+                recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
+        except HwrjaxError as e:
+            sys.stderr.write(f"hwrjax predict: error: {e}\n")
+            return 2
+        if not recognizer.calibrated:
+            sys.stderr.write(f"hwrjax predict: note: {args.workdir} has no fitted temperature for step "
+                             f"{recognizer.step}; probabilities are uncalibrated (T=1) (fit one with `hwrjax "
+                             f"calibrate --workdir={args.workdir}`)\n")
+        rows: list[dict[str, Any]] = []
+        try:
+            prepared_batches = pool.map(batches) if pool is not None else (
+                prepare_batch(batch, mode, recognizer.max_digits) for batch in batches)
+            for chunk, prepared in zip(chunks, prepared_batches):
+                readings = iter(recognizer.read_prepared(prepared))
+                for path, error, label in chunk:
+                    if error is not None and label is None and args.labelled:
+                        continue  # skipped entries of a labelled folder are listed after the table
+                    reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
+                    rows.append(_row(path, reading, label if args.labelled else None))
+        except PreparePoolError as e:
+            sys.stderr.write(f"hwrjax predict: error: {e}\n")
+            return 1
     summary = summarize_rows(rows, args.min_confidence)
     if args.labelled:
         summary["skipped"] = [{"path": path, "reason": why[len("skipped: "):]} for path, why, label in items
