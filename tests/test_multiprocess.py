@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from hwrjax.training import checkpoint
+import conftest
+
+from hwrjax.training import checkpoint, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Without space-to-depth or the weight average this smoke run's best validation checkpoint is
@@ -48,11 +50,15 @@ def _launch(workdir: str, env: dict, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _start_two_processes(workdir: str) -> list[subprocess.Popen]:
+def _start_two_processes(workdir: str, signal_at: dict[int, str] | None = None) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of one run; `signal_at` {process: "STEP:SIGNAL"} makes a process signal itself."""
     port = _reserved_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    return [_launch(workdir, env, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+    env.pop(preemption.SIGNAL_AT_STEP_ENV, None)
+    envs = [dict(env, **({preemption.SIGNAL_AT_STEP_ENV: signal_at[i]} if i in (signal_at or {}) else {}))
+            for i in range(2)]
+    return [_launch(workdir, envs[i], f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                     f"--process_id={i}") for i in range(2)]
 
 
@@ -69,14 +75,36 @@ def _digest(workdir: str) -> tuple[str, list]:
     return hashlib.sha256(b"".join(x.tobytes() for x in leaves)).hexdigest(), leaves
 
 
-def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, require_mnist):
-    two = str(tmp_path / "two")
-    procs = _start_two_processes(two)
-    # Meanwhile, one process with two devices: the same global computation.
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """An uninterrupted two-process run, started at once in the background: a callable that waits
+    for it and returns (workdir, the outputs of both processes, its final weights)."""
+    if not conftest.mnist_available():
+        conftest.skip_or_fail_without_mnist()
+    workdir = str(tmp_path_factory.mktemp("two") / "run")
+    procs = _start_two_processes(workdir)
+    done = {}
+
+    def get():
+        if not done:
+            outs = _finish(procs)
+            done.update(outs=outs, leaves=_digest(workdir)[1])
+        return workdir, done["outs"], done["leaves"]
+
+    yield get
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, two_process_run):
+    # Meanwhile (the two-process run started with the fixture), one process with two devices: the
+    # same global computation.
     one = str(tmp_path / "one")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     _finish([_launch(one, env)])
-    outs = _finish(procs)
+    two, outs, two_leaves = two_process_run()
     assert "test accuracy" in outs[0] and "test accuracy" not in outs[1]  # reports from process 0 only
     ckpt_dir = os.path.join(two, "checkpoints")
     steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
@@ -94,7 +122,6 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
         one_report = json.load(f)
     assert one_report["checkpoint_step"] == best_step
     assert report["accuracy"] == pytest.approx(one_report["accuracy"], abs=1 / 256)
-    _, two_leaves = _digest(two)
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -105,6 +132,29 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, r
     _finish(_start_two_processes(two))
     _, resumed = _digest(two)
     for a, b in zip(resumed, two_leaves):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bitwise(tmp_path, two_process_run):
+    """Only process 1 is preempted (SIGTERM after step 5): both processes agree to stop at the next
+    step where they meet anyway (step 8, logged and checkpointed), both save it and exit as preempted
+    runs do, and the resumed run ends bit for bit as the uninterrupted one."""
+    workdir = str(tmp_path / "run")
+    procs = _start_two_processes(workdir, signal_at={1: "5:SIGTERM"})
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]  # launch.py's status for a preempted, saved run
+        assert "stopped by signal 15 (received by process 1) at step 8;" in err, err[-3000:]
+        assert "rerun the same command to resume" in err and "test accuracy" not in out
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [8]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert max(r["step"] for r in rows) == 8
+
+    outs = _finish(_start_two_processes(workdir))
+    assert "test accuracy" in outs[0]
+    _, resumed = _digest(workdir)
+    _, _, reference = two_process_run()
+    for a, b in zip(resumed, reference):
         np.testing.assert_array_equal(a, b)
 
 

@@ -39,7 +39,7 @@ from hwrjax.training import checkpoint as checkpoint_lib
 from hwrjax.training import data as data_lib
 from hwrjax.training.config_checks import check_workdir, config_as_dict, config_differences, validate_config
 from hwrjax.training.logs import MetricLogger
-from hwrjax.training.preemption import StopSignal, signal_at_step_hook
+from hwrjax.training.preemption import StopSignal, agreed_stop, signal_at_step_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +329,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     pending: list[dict] = []
     signal_at = signal_at_step_hook()
     last_log_time, last_log_step = time.time(), step
+    single_process = jax.process_count() == 1
     state = to_run_state(state)
     try:
         with StopSignal() as stop, logger:
@@ -336,7 +337,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
                 state, metrics = run_step(state, step)
                 step += 1
                 pending.append(metrics)
-                if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+                logged = step % config.log_every_steps == 0 or step % steps_per_epoch == 0
+                if logged:
                     fetched = fetch_metrics(pending)
                     check_finite(fetched, step)
                     pending = []
@@ -370,14 +372,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
                         logging.info("Early stop at epoch %d: no validation gain for %d epochs.",
                                      step // steps_per_epoch, patience)
                 every = config.checkpoint.every_steps
-                if epoch_end or (every and step % every == 0) or meta["stopped_early"]:
+                checkpointed = epoch_end or (every and step % every == 0) or meta["stopped_early"]
+                if checkpointed:
                     save(step, state)
                 if signal_at is not None and step == signal_at[0]:
                     signal.raise_signal(signal_at[1])
-                if stop.received is not None:
+                # Processes agree on stopping where they wait for each other anyway (logged metrics,
+                # validation, checkpoints), so all save the same step and none is left in a collective;
+                # a lone process decides at every step.
+                stop_here = agreed_stop(stop.received) if single_process or logged or checkpointed else None
+                if stop_here is not None:
                     save(step, state)
                     ckpt.wait()
-                    raise Preempted(f"stopped by signal {stop.received} at step {step}; checkpoint saved in "
+                    raise Preempted(f"stopped by {stop_here.describe()} at step {step}; checkpoint saved in "
                                     f"{workdir}; rerun the same command to resume")
             if step >= total_steps or meta["stopped_early"]:
                 save(step, state)

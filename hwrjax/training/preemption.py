@@ -1,9 +1,19 @@
-"""Preemption: SIGTERM / Ctrl-C make the training loop save a checkpoint and stop cleanly."""
+"""Preemption: SIGTERM / Ctrl-C make the training loop save a checkpoint and stop cleanly.
+
+A signal reaches one process; the decision to stop is taken by all of them together
+(`agreed_stop`), at the same step, so that every process saves that step and leaves: none is
+left waiting in a collective for a process that has gone.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from hwrjax.core.errors import ConfigError
 
@@ -52,3 +62,30 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class StopDecision:
+    """The signal that stops a run and the first process that received it."""
+
+    signum: int
+    process: int
+
+    def describe(self) -> str:
+        """'signal 15' in a one-process run, 'signal 15 (received by process 1)' in a multi-process one."""
+        name = f"signal {self.signum}"
+        return name if jax.process_count() == 1 else f"{name} (received by process {self.process})"
+
+
+def agreed_stop(received: int | None) -> StopDecision | None:
+    """Whether the run stops here, the same answer on every process: a StopDecision when any process
+    received a stop signal (`received`, this process's `StopSignal.received`), else None.
+
+    In a multi-process run every process must call it at the same step (it gathers one number from
+    each process); a one-process run decides alone, at no cost.
+    """
+    if jax.process_count() == 1:
+        return None if received is None else StopDecision(int(received), 0)
+    signals = np.asarray(multihost_utils.process_allgather(np.asarray(received or 0, np.int32))).reshape(-1)
+    first = np.flatnonzero(signals)
+    return StopDecision(int(signals[first[0]]), int(first[0])) if first.size else None
