@@ -11,6 +11,7 @@ reads badly) and checks that 30 others of each are then read better, as `predict
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -24,9 +25,9 @@ import conftest
 from conftest import make_workdir
 from hwrjax.apps import finetune
 from hwrjax.cli import finetune as finetune_cli
-from hwrjax.core.errors import HwrjaxError
+from hwrjax.core.errors import HwrjaxError, Preempted
 from hwrjax.inference import loader
-from hwrjax.training import checkpoint, data
+from hwrjax.training import checkpoint, data, preemption
 from tests.support import synth
 
 PER_CLASS = 15
@@ -199,14 +200,68 @@ def test_finetune_defaults_learn_a_new_style_from_a_few_samples(base_run, style_
     assert mnist[1] >= mnist[0] - 0.02, mnist
 
 
-def test_finetune_is_reproducible(base_run, samples_dir, tmp_path):
-    base, _ = base_run
+# A short fine-tune: 120 training samples, 64 a batch -> 2 steps an epoch, 6 steps.
+SHORT = finetune.FinetuneOptions(epochs=3, mix=0.5, learning_rate=1e-3)
+
+
+def _weights(workdir: str) -> list[np.ndarray]:
+    """The latest raw weights and their moving average, as saved."""
+    raw, averaged = (checkpoint.load_variables(workdir, "latest", average=a)[0] for a in (False, True))
+    return [np.asarray(x) for x in jax.tree.leaves((raw, averaged))]
+
+
+@pytest.fixture(scope="module")
+def short_run(base_run, samples_dir, tmp_path_factory):
+    """An uninterrupted short fine-tune: (report, output workdir)."""
+    out = str(tmp_path_factory.mktemp("short") / "whole")
+    return finetune.finetune(base_run[0], finetune.load_samples(samples_dir), out, SHORT), out
+
+
+def test_finetune_is_reproducible(short_run, base_run, samples_dir, tmp_path):
+    report, whole = short_run
+    again = finetune.finetune(base_run[0], finetune.load_samples(samples_dir), str(tmp_path / "b"), SHORT)
+    assert again["after"] == report["after"] and again["steps"] == report["steps"] == 6
+    assert all(np.array_equal(x, y) for x, y in zip(_weights(whole), _weights(str(tmp_path / "b"))))
+
+
+def test_finetune_resumes_bit_for_bit(short_run, base_run, samples_dir, tmp_path, monkeypatch):
+    """Stopped by SIGTERM mid-epoch (the loop's step-triggered test hook), the same call resumes
+    the fine-tune, which then ends bit for bit where the uninterrupted one ends."""
+    report, whole = short_run
+    out = str(tmp_path / "cut")
     samples = finetune.load_samples(samples_dir)
-    options = finetune.FinetuneOptions(epochs=2, learning_rate=1e-3)
-    runs = [finetune.finetune(base, samples, str(tmp_path / name), options) for name in ("a", "b")]
-    assert runs[0]["after"] == runs[1]["after"]
-    a, b = (checkpoint.load_variables(str(tmp_path / name))[0] for name in ("a", "b"))
-    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    monkeypatch.setenv(preemption.SIGNAL_AT_STEP_ENV, "3:SIGTERM")
+    with pytest.raises(Preempted, match="at step 3.*rerun the same command"):
+        finetune.finetune(base_run[0], samples, out, SHORT)
+    assert checkpoint.load_variables(out, "latest")[1] == 3
+    assert not os.path.exists(os.path.join(out, "report", finetune.REPORT_NAME))
+    # Rerun with other settings: refused, the interrupted run left as it was.
+    with pytest.raises(finetune.FinetuneError, match="unfinished fine-tune with other settings.*mix"):
+        finetune.finetune(base_run[0], samples, out, dataclasses.replace(SHORT, mix=0.25))
+    monkeypatch.delenv(preemption.SIGNAL_AT_STEP_ENV)
+    resumed = finetune.finetune(base_run[0], samples, out, SHORT)
+    assert resumed["after"] == report["after"] and resumed["before"] == report["before"]
+    assert all(np.array_equal(x, y) for x, y in zip(_weights(whole), _weights(out)))
+    # Finished now: a rerun into it is refused and changes nothing.
+    with pytest.raises(finetune.FinetuneError, match="already exists and is not empty"):
+        finetune.finetune(base_run[0], samples, out, SHORT)
+
+
+def test_finetune_keeps_the_base_recipes_moving_average(short_run, base_run):
+    """The base recipe keeps a moving average, so the fine-tune does: it saves both weights and
+    reports the averaged ones (what `load_model` reads), which differ from the raw ones."""
+    report, whole = short_run
+    with open(os.path.join(whole, "config.json")) as f:
+        config = json.load(f)
+    assert config["ema_decay"] == checkpoint.load_config(base_run[0]).ema_decay > 0
+    raw, _ = checkpoint.load_variables(whole, "latest", average=False)
+    averaged, _ = checkpoint.load_variables(whole, "latest")
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(averaged)))
+    best, step = checkpoint.load_variables(whole, "best")
+    assert step == report["steps"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(averaged)))
+    with open(os.path.join(whole, "report", "test_metrics.json")) as f:
+        assert json.load(f)["accuracy"] == report["after"]["mnist_test"]["accuracy"]
 
 
 # --------------------------------------------------------------------------------------

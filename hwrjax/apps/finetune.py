@@ -21,44 +21,50 @@ that kept MNIST test within 0.1 points of the base run (the README has the table
 share of the user's samples per batch (1/2, 1/4) or the base peak / 3 cost MNIST test up to
 0.2 points for no more gain; BatchNorm statistics frozen at the base's did no better.
 
-The output is a normal workdir (config.json with a `finetune` block, checkpoints, metrics,
-report/test_metrics.json) plus report/finetune.json with the accuracy on the user's
-held-out and training samples and on MNIST test, before and after. It is written under a
-temporary name and moved into place at the end, so a failure leaves nothing behind.
+A fine-tune is a run of the one training loop (`hwrjax.training.loop.train_and_evaluate`) with
+its own batch source (`make_mixed_batch_fn`) and a warm start from the base weights: the base
+recipe's moving average (when it keeps one; the fine-tune reports and saves the averaged
+weights), checkpoints, resume, SIGTERM / Ctrl-C handling and process-0 gating are the loop's.
+It runs no validation or selection (the holdout is for reporting): the last weights are best.
+
+The output is a normal workdir (config.json with a `finetune` block naming the base run, the
+samples and the options; checkpoints, metrics, calibration.json, report/test_metrics.json) plus
+report/finetune.json with the accuracy on the user's held-out and training samples and on
+MNIST test, before and after, written last. An interrupted fine-tune (report/finetune.json not
+yet written) is resumed by the same command; a finished one is never overwritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
-import shutil
-import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hwrjax.apps import preprocess
+from hwrjax.apps import train as train_lib
 from hwrjax.core import train_state
 from hwrjax.core import augment as augment_lib
 from hwrjax.core import losses as losses_lib
-from hwrjax.core import optim as optim_lib
 from hwrjax.core import rng as rng_lib
 from hwrjax.core import steps as steps_lib
-from hwrjax.core.errors import ConfigError, DataError, HwrjaxError
-from hwrjax.inference import loader, predict
-from hwrjax.inference import calibration as calibration_lib
+from hwrjax.core.errors import ConfigError, DataError, Diverged, HwrjaxError
+from hwrjax.inference import loader
 from hwrjax.training import loop, parallel
 from hwrjax.training import checkpoint as checkpoint_lib
 from hwrjax.training import data as data_lib
-from hwrjax.training.logs import MetricLogger
+from hwrjax.training.config_checks import config_as_dict, config_differences
+from hwrjax.training.logs import write_json_atomic
 
 __all__ = ["FinetuneError", "FinetuneOptions", "Samples", "check_options", "check_output_workdir", "finetune",
            "load_samples", "split_samples"]
@@ -190,12 +196,25 @@ def split_samples(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.nda
 # Settings and output checks (all before any expensive work)
 
 
+def _unfinished_finetune(path: str) -> bool:
+    """True when `path` holds a fine-tune that has not finished (config.json with a `finetune`
+    block, no report/finetune.json yet): the same command resumes it."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) or os.path.exists(os.path.join(path, "report", REPORT_NAME)):
+        return False
+    try:
+        return "finetune" in checkpoint_lib.read_config_json(config_path)
+    except HwrjaxError:
+        return False
+
+
 def check_output_workdir(output: str, base: str) -> str:
-    """The absolute output path; raises FinetuneError unless it is new (or empty) and not the base run's."""
+    """The absolute output path; raises FinetuneError unless it is new (or empty) and not the base
+    run's, or holds an unfinished fine-tune (which `finetune` then resumes)."""
     path = os.path.abspath(os.path.expanduser(output))
     if path == os.path.abspath(base):
         raise FinetuneError("--output-workdir must differ from --workdir; the base run is never changed")
-    if os.path.isdir(path) and os.listdir(path):
+    if os.path.isdir(path) and os.listdir(path) and not _unfinished_finetune(path):
         raise FinetuneError(f"{path} already exists and is not empty; pass a new --output-workdir "
                             "(nothing is ever overwritten)")
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -226,7 +245,9 @@ def check_options(o: FinetuneOptions) -> None:
 
 
 def finetune_config(base: ml_collections.ConfigDict, options: FinetuneOptions) -> ml_collections.ConfigDict:
-    """The config of the fine-tune: the base recipe with the fine-tune's batch, seed and schedule."""
+    """The config of the fine-tune: the base recipe (its model, loss, optimizer kind, augmentation
+    and moving average) with the fine-tune's batch, seed and schedule. The fine-tune's batch
+    source runs under jit (so `parallel` is "jit") and it draws no pictures (`report_plots` off)."""
     c = ml_collections.ConfigDict(json.loads(base.to_json()))
     c.batch_size = int(options.batch_size or base.batch_size)
     c.seed = int(base.seed if options.seed is None else options.seed)
@@ -236,22 +257,25 @@ def finetune_config(base: ml_collections.ConfigDict, options: FinetuneOptions) -
     c.schedule.warmup_epochs = 0.0
     c.schedule.final_lr_fraction = 0.0
     c.early_stopping.patience_epochs = 0
+    c.parallel = "jit"
+    c.report_plots = False
     if options.test_split:
         c.dataset.test_split = options.test_split
     return c
 
 
 # --------------------------------------------------------------------------------------
-# Training
+# Training: the loop of hwrjax.training with a batch source of its own
 
 
-def make_finetune_step(loss_fn: Any, aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys, num_user: int,
-                       user_per_batch: int, num_mnist: int, mnist_per_batch: int, mesh: jax.sharding.Mesh):
-    """jit(state, user_images, user_labels, mnist_images, mnist_labels) -> (state, metrics) for step state.step.
+def make_mixed_batch_fn(aug: augment_lib.AugmentParams, keys: rng_lib.RunKeys, num_user: int, user_per_batch: int,
+                        num_mnist: int, mnist_per_batch: int, mesh: jax.sharding.Mesh):
+    """jit(user_images, user_labels, mnist_images, mnist_labels, step) -> the augmented batch of step `step`.
 
     The batch's user part continues a pass over the user's samples in the order of epoch e
     (a permutation keyed by fold_in(user order key, e)); the MNIST part is drawn uniformly
-    with fold_in(MNIST key, step). Both, augmentation and dropout are functions of the step.
+    with fold_in(MNIST key, step); the augmentation is keyed by fold_in(keys.augment, step).
+    All of it is a function of (seed, step), so a resumed fine-tune sees the same batches.
     """
     user_key = jax.random.fold_in(keys.order, _USER_ORDER)
     mnist_key = jax.random.fold_in(keys.order, _MNIST_DRAW)
@@ -261,8 +285,7 @@ def make_finetune_step(loss_fn: Any, aug: augment_lib.AugmentParams, keys: rng_l
         epoch, offset = position // num_user, position % num_user
         return jax.random.permutation(jax.random.fold_in(user_key, epoch), num_user)[offset]
 
-    def step_fn(state, user_images, user_labels, mnist_images, mnist_labels):
-        step = state.step
+    def batch_of(user_images, user_labels, mnist_images, mnist_labels, step):
         positions = step * user_per_batch + jnp.arange(user_per_batch)
         u = jax.vmap(user_index)(positions)
         m = jax.random.randint(jax.random.fold_in(mnist_key, step), (mnist_per_batch,), 0, max(num_mnist, 1))
@@ -270,16 +293,24 @@ def make_finetune_step(loss_fn: Any, aug: augment_lib.AugmentParams, keys: rng_l
         labels = jnp.concatenate([user_labels[u], mnist_labels[m]])
         images = augment_lib.augment_batch(steps_lib.to_float_images(images), jax.random.fold_in(keys.augment, step),
                                            aug)
-        batch = {"image": jax.lax.with_sharding_constraint(images, batch_sharding),
-                 "label": jax.lax.with_sharding_constraint(labels, batch_sharding)}
-        return steps_lib.train_step(state, batch, jax.random.fold_in(keys.dropout, step), loss_fn=loss_fn)
+        return {"image": jax.lax.with_sharding_constraint(images, batch_sharding),
+                "label": jax.lax.with_sharding_constraint(labels, batch_sharding)}
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    return jax.jit(batch_of)
 
 
-def _predictions(state: train_state.TrainState, images: np.ndarray) -> list[int]:
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    logits = jax.jit(lambda v, x: state.apply_fn(v, steps_lib.to_float_images(x), train=False))(variables, images)
+def _as_state(model: loader.LoadedModel, mesh: jax.sharding.Mesh) -> train_state.TrainState:
+    """A loaded model as the state `loop.make_evaluate` reads, replicated over the mesh."""
+    replicated = NamedSharding(mesh, P())
+    put = lambda tree: jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), replicated), tree)
+    return train_state.TrainState.create(apply_fn=model.apply_fn, tx=optax.identity(),
+                                         params=put(model.variables["params"]),
+                                         batch_stats=put(model.variables.get("batch_stats", {})))
+
+
+def _predictions(model: loader.LoadedModel, images: np.ndarray) -> list[int]:
+    logits = jax.jit(lambda v, x: model.apply_fn(v, steps_lib.to_float_images(x), train=False))(model.variables,
+                                                                                                 images)
     return [int(i) for i in np.argmax(np.asarray(logits), -1)]
 
 
@@ -287,11 +318,22 @@ def _measure(evaluate, state, sets: dict) -> dict:
     return {name: evaluate(state, eval_set) for name, eval_set in sets.items() if eval_set is not None}
 
 
+def _samples_digest(samples: Samples) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(samples.images).tobytes())
+    h.update(np.ascontiguousarray(samples.labels, np.int32).tobytes())
+    return h.hexdigest()
+
+
 def finetune(workdir: str, samples: str | Samples, output_workdir: str,
              options: FinetuneOptions = FinetuneOptions()) -> dict:
-    """Fine-tunes the run in `workdir` on `samples` (a folder or Samples) into the new `output_workdir`.
+    """Fine-tunes the run in `workdir` on `samples` (a folder or Samples) into `output_workdir`.
 
-    Returns the report also written to OUTPUT/report/finetune.json.
+    The fine-tune is a run of the training loop (hwrjax.training.loop) with its own batch source
+    and a warm start from the base run's weights: it checkpoints, keeps the base recipe's moving
+    average, stops cleanly on SIGTERM / Ctrl-C (raising Preempted), and the same call resumes it
+    where it stopped, ending bit for bit where an uninterrupted fine-tune ends. Returns the report
+    also written to OUTPUT/report/finetune.json.
     """
     start = time.time()
     check_options(options)
@@ -318,22 +360,51 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
     steps_per_epoch = math.ceil(len(user_train) / user_per_batch)
     total_steps = steps_per_epoch * config.num_epochs
 
-    splits = data_lib.load_splits(config)
-    if mnist_per_batch and len(splits.train) == 0:
-        raise DataError(f"dataset {config.dataset.name!r} has no training examples to mix in; set --mix=1")
-    loss_fn = losses_lib.get_loss(config.loss)
-    schedule = optim_lib.make_schedule(config, steps_per_epoch, config.num_epochs)
-    tx = optim_lib.make_optimizer(config, schedule)
-    aug = augment_lib.AugmentParams.from_config(config.augment)
-    keys = rng_lib.RunKeys.from_seed(config.seed)
-    replicated = NamedSharding(mesh, P())
-    state = train_state.TrainState.create(apply_fn=base.apply_fn, tx=tx,
-                                          params=jax.device_put(base.variables["params"], replicated),
-                                          batch_stats=jax.device_put(base.variables.get("batch_stats", {}), replicated))
-    state = jax.device_put(state, replicated)
+    settings = {
+        "base_workdir": os.path.abspath(workdir), "base_checkpoint_step": base.step,
+        "samples": samples.folder, "samples_sha256": _samples_digest(samples),
+        "num_samples": len(samples), "num_train_samples": len(user_train),
+        "num_holdout_samples": len(user_holdout), "holdout": float(options.holdout), "mix": float(options.mix),
+        "user_per_batch": user_per_batch, "epochs": config.num_epochs, "steps": total_steps,
+        "learning_rate": float(config.optimizer.learning_rate)}
+    config.finetune = settings
+    if os.path.isfile(os.path.join(output, "config.json")):
+        saved = checkpoint_lib.read_config_json(os.path.join(output, "config.json"))
+        diffs = config_differences(saved, config_as_dict(config))
+        if diffs:
+            raise FinetuneError(f"{output} holds an unfinished fine-tune with other settings ({'; '.join(diffs)}); "
+                                "rerun it as it was started to resume, or pass a new --output-workdir")
+        logging.info("Resuming the fine-tune in %s.", output)
 
-    # Small user sets get a small eval batch (padding them to the MNIST eval batch is waste).
+    seen: dict = {}
+
+    def mixed_batches(ctx: loop.SourceContext) -> loop.BatchSource:
+        """The user's training samples mixed with MNIST training examples (see make_mixed_batch_fn)."""
+        if mnist_per_batch and len(ctx.splits.train) == 0:
+            raise DataError(f"dataset {config.dataset.name!r} has no training examples to mix in; set --mix=1")
+        seen["splits"] = ctx.splits
+        replicated = NamedSharding(ctx.mesh, P())
+        user_images = parallel.put_replicated(user_train.images, replicated)
+        user_labels = parallel.put_replicated(user_train.labels, replicated)
+        batch_fn = make_mixed_batch_fn(ctx.augment, ctx.keys, len(user_train), user_per_batch,
+                                       len(ctx.splits.train), mnist_per_batch, ctx.mesh)
+        return loop.BatchSource(steps_per_epoch, lambda step: batch_fn(
+            user_images, user_labels, ctx.train_images, ctx.train_labels, np.int32(step)))
+
+    try:
+        test = loop.train_and_evaluate(config, output, report=train_lib.TrainingReport(), batches=mixed_batches,
+                                       init_variables=base.variables, validate=False)
+    except Diverged as e:
+        raise Diverged(f"fine-tuning {str(e).split(';')[0].removeprefix('training ')}; nothing non-finite was "
+                       f"saved; lower --learning-rate and pass a new --output-workdir") from None
+    tuned = loader.load_model(output)
+
+    # Before and after, measured on every process (the evaluation runs over the whole mesh).
+    splits = seen["splits"]
+    loss_fn = losses_lib.get_loss(config.loss)
+
     def eval_set(split: data_lib.Split | None) -> loop.EvalSet | None:
+        # Small user sets get a small eval batch (padding them to the MNIST eval batch is waste).
         if split is None or len(split) == 0:
             return None
         n = mesh.devices.size
@@ -343,88 +414,23 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
     evaluate = loop.make_evaluate(loss_fn, mesh)
     sets = {"holdout": eval_set(user_holdout.as_split()), "train_samples": eval_set(user_train.as_split()),
             "mnist_test": eval_set(splits.test)}
-    before = _measure(evaluate, state, sets)
-    holdout_before = _predictions(state, user_holdout.images) if len(user_holdout) else []
+    before = _measure(evaluate, _as_state(base, mesh), sets)
+    after = _measure(evaluate, _as_state(tuned, mesh), sets)
     logging.info("Before: %s", {k: round(v["accuracy"], 4) for k, v in before.items()})
-
-    fine_step = make_finetune_step(loss_fn, aug, keys, len(user_train), user_per_batch, len(splits.train),
-                                   mnist_per_batch, mesh)
-    user_images = parallel.put_replicated(user_train.images, replicated)
-    user_labels = parallel.put_replicated(user_train.labels, replicated)
-    mnist_images = parallel.put_replicated(splits.train.images, replicated)
-    mnist_labels = parallel.put_replicated(splits.train.labels, replicated)
-
-    tmp = f"{output}.finetune-{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))  # Rewritten below with the finetune block filled in.
-        train_start = time.time()
-        logger = MetricLogger(tmp, total_steps=total_steps, progress=bool(config.progress and sys.stderr.isatty()))
-        pending: list[dict] = []
-        with logger:
-            for step in range(total_steps):
-                state, metrics = fine_step(state, user_images, user_labels, mnist_images, mnist_labels)
-                pending.append(metrics)
-                if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
-                    fetched = jax.device_get(pending)
-                    pending = []
-                    row = {f"train_{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    if not math.isfinite(row["train_loss"]):
-                        raise FloatingPointError(f"fine-tuning loss became {row['train_loss']} at step {step + 1}; "
-                                                 "lower --learning-rate")
-                    row.update(learning_rate=float(schedule(step)), epoch=(step + 1) / steps_per_epoch)
-                    logger.write(step + 1, row)
-        train_time = time.time() - train_start
-        after = _measure(evaluate, state, sets)
-        holdout_after = _predictions(state, user_holdout.images) if len(user_holdout) else []
-        logging.info("After: %s", {k: round(v["accuracy"], 4) for k, v in after.items()})
-
-        settings = {
-            "base_workdir": os.path.abspath(workdir), "base_checkpoint_step": base.step,
-            "samples": samples.folder,
-            "num_samples": len(samples), "num_train_samples": len(user_train),
-            "num_holdout_samples": len(user_holdout), "holdout": float(options.holdout), "mix": float(options.mix),
-            "user_per_batch": user_per_batch, "epochs": config.num_epochs, "steps": total_steps,
-            "learning_rate": float(config.optimizer.learning_rate)}
-        config.finetune = settings
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-        meta = {"best_val_accuracy": -1.0, "best_step": total_steps, "epochs_without_improvement": 0,
-                "stopped_early": False, "wall_time_s": train_time}
-        # No selection here (the holdout is for reporting): the final state is both latest and best.
-        ckpt = checkpoint_lib.Checkpointer(tmp, keep=1, async_save=False)
-        try:
-            ckpt.save(total_steps, state, meta)
-            ckpt.save_best(total_steps, state, meta)
-        finally:
-            ckpt.close()
-        if splits.validation is not None and len(splits.validation):
-            # The fine-tuned model's own temperature, fitted on the base run's validation split as training does.
-            calibration_lib.save_calibration(tmp, total_steps, predict.fit_calibration(
-                state, splits.validation.images, splits.validation.labels, batch_size=config.eval_batch_size))
-        num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-        test = dict(after["mnist_test"], step=total_steps, checkpoint_step=total_steps,
-                    split=config.dataset.test_split, dataset=config.dataset.name, wall_time_s=train_time,
-                    best_val_accuracy=-1.0, num_params=num_params)
-        report = {
-            "workdir": output, **settings,
-            "class_counts": {str(c): int(np.sum(samples.labels == c)) for c in range(base.num_classes)},
-            "skipped": [{"path": p, "error": e} for p, e in samples.skipped],
-            "before": before, "after": after,
-            "holdout_files": [{"path": p, "label": int(y), "before": b, "after": a} for p, y, b, a in
-                              zip(user_holdout.paths, user_holdout.labels, holdout_before, holdout_after)],
-            "mnist_split": config.dataset.test_split, "train_time_s": train_time, "total_time_s": 0.0,
-        }
-        report["total_time_s"] = time.time() - start
-        logger.write_report("test_metrics.json", test)
-        logger.write_report(REPORT_NAME, report)
-        logger.close()
-        if os.path.isdir(output):
-            os.rmdir(output)  # Empty (checked above); fails rather than replace anything put there meanwhile.
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    logging.info("After: %s", {k: round(v["accuracy"], 4) for k, v in after.items()})
+    holdout_before = _predictions(base, user_holdout.images) if len(user_holdout) else []
+    holdout_after = _predictions(tuned, user_holdout.images) if len(user_holdout) else []
+    report = {
+        "workdir": output, **settings,
+        "class_counts": {str(c): int(np.sum(samples.labels == c)) for c in range(base.num_classes)},
+        "skipped": [{"path": p, "error": e} for p, e in samples.skipped],
+        "before": before, "after": after,
+        "holdout_files": [{"path": p, "label": int(y), "before": b, "after": a} for p, y, b, a in
+                          zip(user_holdout.paths, user_holdout.labels, holdout_before, holdout_after)],
+        "mnist_split": config.dataset.test_split, "train_time_s": float(test["wall_time_s"]),
+        "total_time_s": time.time() - start,
+    }
+    if jax.process_index() == 0:
+        # Written last: its presence marks the fine-tune finished (a rerun into OUTPUT is refused).
+        write_json_atomic(os.path.join(output, "report", REPORT_NAME), report)
     return report

@@ -10,6 +10,7 @@ from typing import Sequence
 from hwrjax.apps.finetune import (REPORT_NAME, FinetuneError, FinetuneOptions, check_options, check_output_workdir,
                                   finetune, load_samples)
 from hwrjax.cli.toolkit import ArgumentParser, parse_checkpoint, run_command
+from hwrjax.core.errors import Preempted
 from hwrjax.inference.loader import load_model
 
 
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="workdir of the trained run to start from (never changed)")
     p.add_argument("--samples", required=True, help="folder with sub-folders 0..9 of your images")
     p.add_argument("--output-workdir", "--output_workdir", dest="output_workdir", required=True,
-                   help="new workdir to write (must not exist or be empty)")
+                   help="new workdir to write (must not exist or be empty; the folder of an interrupted "
+                        "fine-tune is resumed)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over your training samples")
     p.add_argument("--mix", type=float, default=d.mix, help="share of each batch from your samples (rest: MNIST)")
     p.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=None,
@@ -68,7 +70,11 @@ def finetune_main(argv: Sequence[str]) -> int:
         samples = load_samples(args.samples, num_classes)
         for path, why in samples.skipped:
             sys.stderr.write(f"hwrjax: skipped {path}: {why}\n")
-        report = finetune(args.workdir, samples, args.output_workdir, options)
+        try:
+            report = finetune(args.workdir, samples, args.output_workdir, options)
+        except Preempted as e:  # a checkpoint was saved: the same command resumes
+            sys.stderr.write(f"hwrjax: {e}\n")
+            return 0
         sys.stdout.write(
             f"fine-tuned {report['base_workdir']} (step {report['base_checkpoint_step']}) on "
             f"{report['num_train_samples']} of your {report['num_samples']} samples for {report['steps']} steps "

@@ -70,8 +70,59 @@ class RunReport:
         """Writes files that need the finished log (metrics.jsonl complete)."""
 
 
-class InputPipeline:
-    """Hands the training loop the batch of each step, with the next one already on its way.
+@dataclasses.dataclass(frozen=True)
+class SourceContext:
+    """What the loop hands a batch source's factory: the run's config, mesh, keys, augmentation,
+    splits, and the training split already on device (replicated)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    keys: rng_lib.RunKeys
+    augment: augment_lib.AugmentParams
+    splits: data_lib.Splits
+    train_images: jax.Array
+    train_labels: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSource:
+    """Where a run's training batches come from: `make(step)` dispatches the (jitted) program that
+    gathers and augments the batch of training step `step` from device-resident arrays, as a
+    function of (seed, step) only, so a resumed run sees the batches of the uninterrupted one;
+    an epoch is `steps_per_epoch` steps (the run is config.num_epochs of them)."""
+
+    steps_per_epoch: int
+    make: Callable[[int], dict]
+
+
+def epoch_batches(ctx: SourceContext) -> BatchSource:
+    """The recipe's own source: each epoch one pass over the training split in the order
+    `epoch_order(keys.order, epoch)`, batches made by `make_batch_fn` (launch.py's batches)."""
+    num_train, batch_size = len(ctx.splits.train), ctx.config.batch_size
+    steps_per_epoch = num_train // batch_size
+    batch_fn = make_batch_fn(ctx.augment, ctx.keys, num_train, batch_size, ctx.mesh)
+    orders = EpochOrders(ctx.keys.order, num_train, steps_per_epoch)
+    return BatchSource(steps_per_epoch, lambda step: batch_fn(ctx.train_images, ctx.train_labels, orders(step),
+                                                              np.int32(step)))
+
+
+class EpochOrders:
+    """`orders(step)`: the epoch order of `step` (epoch_order of its epoch), the last two kept."""
+
+    def __init__(self, order_key: jax.Array, num_train: int, steps_per_epoch: int):
+        self._order_key, self._num_train, self._steps_per_epoch = order_key, num_train, steps_per_epoch
+        self._orders: dict[int, jax.Array] = {}
+
+    def __call__(self, step: int) -> jax.Array:
+        epoch = step // self._steps_per_epoch
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = epoch_order(self._order_key, epoch, self._num_train)
+        return self._orders[epoch]
+
+
+class LookAhead:
+    """Hands the training loop the batch of each step of a `BatchSource`, with the next one already on its way.
 
     `batch(step)` dispatches the batch program for step + 1 before returning batch `step`, so
     the caller's train step is queued behind it and the two programs (which share no buffers)
@@ -80,23 +131,9 @@ class InputPipeline:
     `step` is the same with or without the look-ahead, hence the same after a resume.
     """
 
-    def __init__(self, batch_fn: Callable, images: jnp.ndarray, labels: jnp.ndarray, order_key: jax.Array,
-                 num_train: int, steps_per_epoch: int, total_steps: int):
-        self._batch_fn, self._images, self._labels = batch_fn, images, labels
-        self._order_key, self._num_train = order_key, num_train
-        self._steps_per_epoch, self._total_steps = steps_per_epoch, total_steps
-        self._orders: dict[int, jax.Array] = {}
+    def __init__(self, make: Callable[[int], dict], total_steps: int):
+        self._make, self._total_steps = make, total_steps
         self._ahead: tuple[int, dict] | None = None
-
-    def _order(self, step: int) -> jax.Array:
-        epoch = step // self._steps_per_epoch
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = epoch_order(self._order_key, epoch, self._num_train)
-        return self._orders[epoch]
-
-    def _make(self, step: int) -> dict:
-        return self._batch_fn(self._images, self._labels, self._order(step), np.int32(step))
 
     def pending(self) -> dict | None:
         """The batch prepared ahead (or None): what a caller blocks on to wait for all input work."""
@@ -109,6 +146,16 @@ class InputPipeline:
             current = self._make(step)
         self._ahead = (step + 1, self._make(step + 1)) if step + 1 < self._total_steps else None
         return current
+
+
+class InputPipeline(LookAhead):
+    """`LookAhead` over the epoch-ordered batches of `batch_fn` (`make_batch_fn`'s program) on
+    device-resident `images` and `labels`: the recipe's input pipeline (see `epoch_batches`)."""
+
+    def __init__(self, batch_fn: Callable, images: jnp.ndarray, labels: jnp.ndarray, order_key: jax.Array,
+                 num_train: int, steps_per_epoch: int, total_steps: int):
+        orders = EpochOrders(order_key, num_train, steps_per_epoch)
+        super().__init__(lambda step: batch_fn(images, labels, orders(step), np.int32(step)), total_steps)
 
 
 class EvalSet:
@@ -155,11 +202,20 @@ def make_evaluate(loss_fn: Callable, mesh: jax.sharding.Mesh) -> Callable[[Train
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
-                       report: RunReport | None = None) -> dict:
+                       report: RunReport | None = None, batches: Callable[[SourceContext], BatchSource] | None = None,
+                       init_variables: dict | None = None, validate: bool = True) -> dict:
     """Trains the recipe in `config`, resuming from `workdir` if it holds a run; returns the test metrics.
 
     `report` adds work at the end of the run on process 0 (None: the test metrics only;
     `hwrjax.train_and_evaluate` passes the one that fits the temperature and draws the pictures).
+
+    Everything that trains runs this loop (launch.py, `hwrjax finetune`) and differs only in:
+    `batches`, the factory of its `BatchSource` (None: `epoch_batches`, the recipe's passes over
+    the training split; config.parallel="pmap" needs it); `init_variables`, {"params",
+    "batch_stats"} to start from instead of a fresh init (a warm start: the optimizer, step and
+    moving average start fresh, the average at these weights); and `validate` (False: no
+    validation or selection; the last weights are reported, and saved as the best checkpoint).
+    Resume, preemption, the moving average, checkpoints and process-0 gating are the same for all.
 
     One run at a time per workdir: the run holds the workdir's lock (hwrjax.training.runlock) from
     before its config check to its end, and a second launch raises WorkdirBusy. Raises
@@ -180,14 +236,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
     if parallel.any_process(busy is not None):
         raise busy or WorkdirBusy(f"{workdir} is in use by another run (process 0 was refused its lock)")
     try:
-        return _train_and_evaluate(config, workdir, allow_config_change, mesh, start_time, report)
+        return _train_and_evaluate(config, workdir, allow_config_change, mesh, start_time, report,
+                                   batches, init_variables, validate)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
-                        mesh: jax.sharding.Mesh, start_time: float, report: RunReport | None) -> dict:
+                        mesh: jax.sharding.Mesh, start_time: float, report: RunReport | None,
+                        batches: Callable[[SourceContext], BatchSource] | None, init_variables: dict | None,
+                        validate: bool) -> dict:
     num_devices = mesh.devices.size
     is_main = jax.process_index() == 0
 
@@ -206,30 +265,44 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
             rewrite_config = True
     parallel.check_same_config_across_processes(config.to_json())
 
+    use_pmap = config.parallel == "pmap"
+    if use_pmap and batches is not None:
+        raise ConfigError("this run's batch source runs under jit only; set config.parallel='jit'")
     splits = data_lib.load_splits(config)
-    if len(splits.train) < config.batch_size:
+    if batches is None and len(splits.train) < config.batch_size:
         raise ConfigError(f"config.batch_size={config.batch_size} is larger than the {len(splits.train)} "
                           "training examples; lower it")
-    steps_per_epoch = len(splits.train) // config.batch_size
+    keys = rng_lib.RunKeys.from_seed(config.seed)
+    aug = augment_lib.AugmentParams.from_config(config.augment)
+    replicated = NamedSharding(mesh, P())
+    train_images = parallel.put_replicated(splits.train.images, replicated)
+    train_labels = parallel.put_replicated(splits.train.labels, replicated)
+    source = (batches or epoch_batches)(SourceContext(config, mesh, keys, aug, splits, train_images, train_labels))
+    steps_per_epoch = source.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
 
-    keys = rng_lib.RunKeys.from_seed(config.seed)
-    use_pmap = config.parallel == "pmap"
     model = models_lib.create_model(config.model, splits.num_classes, dtype=config.dtype,
                                     bn_axis_name=PMAP_AXIS if use_pmap else None)
     loss_fn = losses_lib.get_loss(config.loss)
     schedule = optim_lib.make_schedule(config, steps_per_epoch, config.num_epochs)
     tx = optim_lib.make_optimizer(config, schedule)
-    aug = augment_lib.AugmentParams.from_config(config.augment)
-
-    replicated = NamedSharding(mesh, P())
     ema_decay = float(config.ema_decay)
 
     def init(k):
         state_ = create_train_state(model, tx, k, (1,) + data_lib.IMAGE_SHAPE)
         return init_ema(state_) if ema_decay else state_
 
-    state = jax.jit(init, out_shardings=replicated)(keys.init)
+    def warm(variables):
+        state_ = TrainState.create(apply_fn=model.apply, tx=tx, params=variables["params"],
+                                   batch_stats=variables.get("batch_stats") or {})
+        return init_ema(state_) if ema_decay else state_
+
+    if init_variables is None:
+        state = jax.jit(init, out_shardings=replicated)(keys.init)
+    else:
+        host = {"params": init_variables["params"], "batch_stats": init_variables.get("batch_stats") or {}}
+        state = jax.jit(warm, out_shardings=replicated)(
+            jax.tree.map(lambda x: parallel.put_replicated(np.asarray(x), replicated), host))
 
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     meta = {"best_val_accuracy": -1.0, "best_step": -1, "epochs_without_improvement": 0, "stopped_early": False,
@@ -248,9 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
             f.write(config.to_json(indent=2))
         os.replace(config_path + ".tmp", config_path)
 
-    train_images = parallel.put_replicated(splits.train.images, replicated)
-    train_labels = parallel.put_replicated(splits.train.labels, replicated)
-    val_set = EvalSet(splits.validation, config.eval_batch_size, mesh) if splits.validation else None
+    val_set = EvalSet(splits.validation, config.eval_batch_size, mesh) if splits.validation and validate else None
     test_set = EvalSet(splits.test, config.eval_batch_size, mesh)
     if use_pmap:
         local = jax.local_devices()
@@ -271,9 +342,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
         fetch_metrics = lambda ms: [jax.tree.map(lambda x: x[0], m) for m in jax.device_get(ms)]
     else:
         step_fn = make_step_fn(loss_fn, keys, ema_decay)
-        pipeline = InputPipeline(make_batch_fn(aug, keys, len(splits.train), config.batch_size, mesh),
-                                 train_images, train_labels, keys.order, len(splits.train), steps_per_epoch,
-                                 total_steps)
+        pipeline = LookAhead(source.make, total_steps)
 
         def run_step(s, step_):
             return step_fn(s, pipeline.batch(step_))
@@ -388,6 +457,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
                                     f"{workdir}; rerun the same command to resume")
             if step >= total_steps or meta["stopped_early"]:
                 save(step, state)
+                if not validate:  # no selection: the last weights, as delivered, are the best
+                    last = from_run_state(state)
+                    try:
+                        ckpt.save_best(step, with_delivered_batch_stats(last, delivered(last).batch_stats),
+                                       dict(meta, best_step=step))
+                    except Diverged:
+                        raise diverged(step, "non-finite weights") from None
     finally:
         ckpt.close()
     state = from_run_state(state)
