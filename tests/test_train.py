@@ -268,3 +268,15 @@ def test_input_pipeline_prepares_ahead_exactly_the_batches_of_each_step():
         for got in (ahead_batches[step], resumed.batch(step)):
             np.testing.assert_array_equal(np.asarray(got["image"]), np.asarray(direct["image"]))
     assert not np.array_equal(np.asarray(ahead_batches[4]["image"]), np.asarray(ahead_batches[5]["image"]))
+
+
+def test_a_batch_source_of_its_own_runs_under_jit_only(tmp_path):
+    """`train_and_evaluate(batches=...)` (finetune's way in) under config.parallel="pmap" is refused in
+    one line before any data is loaded or any file written, naming the fix."""
+    config = default.get_config()
+    default.smoke(config)
+    config.parallel = "pmap"
+    never = lambda ctx: pytest.fail("the batch source must not be built")
+    with pytest.raises(ConfigError, match="jit only; set config.parallel='jit'"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"), batches=never)
+    assert not os.path.exists(tmp_path / "run" / "config.json")
