@@ -337,7 +337,15 @@ def finetune(workdir: str, samples: str | Samples, output_workdir: str,
     """
     start = time.time()
     check_options(options)
-    output = check_output_workdir(output_workdir, workdir)
+    refused = None
+    try:
+        output = check_output_workdir(output_workdir, workdir)
+    except FinetuneError as e:
+        refused = e
+    # Every process checks OUTPUT before any process writes to it (any_process is a collective).
+    if parallel.any_process(refused is not None):
+        raise refused or FinetuneError(f"another process of this run refused --output-workdir={output_workdir}; "
+                                       "see its error")
     base = loader.load_model(workdir, options.checkpoint)
     config = finetune_config(base.config, options)
     mesh = parallel.make_mesh()
