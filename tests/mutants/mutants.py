@@ -144,6 +144,15 @@ MUTANTS = [
     Mutant("pmap_epoch_order", "--config.parallel=pmap takes each epoch's order one epoch late",
            "hwrjax/training/loop.py", "            epoch = step_ // steps_per_epoch\n",
            "            epoch = max(0, step_ - 1) // steps_per_epoch\n", PMAP_TESTS),
+    Mutant("finetune_cold_start", "hwrjax finetune trains from a fresh init instead of the base run's weights",
+           "hwrjax/apps/finetune.py", "init_variables=base.variables,", "init_variables=None,",
+           ("tests/test_finetune.py::test_finetune_learns_the_style_and_keeps_mnist",)),
+    Mutant("finetune_batches_by_call_count", "a resumed fine-tune takes its batches as if it had just started "
+           "(the batch index counts calls in this process, not the step)",
+           "hwrjax/apps/finetune.py", "lambda step: batch_fn(\n            user_images, user_labels, ctx.train_images, "
+           "ctx.train_labels, np.int32(step)))", "lambda step, calls=iter(range(2**31)): batch_fn(\n            "
+           "user_images, user_labels, ctx.train_images, ctx.train_labels, np.int32(next(calls))))",
+           ("tests/test_finetune.py::test_finetune_resumes_bit_for_bit",)),
 ]
 
 
