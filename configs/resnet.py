@@ -1,33 +1,33 @@
-"""ResNet on MNIST: the headline recipe, tuned for accuracy on the validation split.
+"""ResNet on MNIST: the headline recipe, for reading other people's handwriting.
 
   python launch.py --config=configs/resnet.py --workdir=runs/resnet
+  python launch.py --config=configs/resnet.py:mnist --workdir=runs/resnet-mnist   # MNIST accuracy only
   python launch.py --config=configs/resnet.py:smoke --workdir=/tmp/resnet_smoke
 
 The 24x24 centre of each image (crop_border=2) folded into 12x12x4 (space_to_depth), then a
 stem and three stages of two basic blocks, 32/64/128 wide, on 12x12, 6x6 and 3x3 maps; label
 smoothing 0.1, cosine schedule, 20 epochs, and a moving average of the weights (ema_decay),
 which is what is validated, selected as best and reported. Folding quarters the positions, so
-twice the width still trains 1.5x faster than the 16/32/64 network on the 24x24 centre (742 vs
-504 img/s here), which buys 20 epochs in the time of 13. Measured here (seeds 0 / 1 / 2): best
-validation 99.66 / 99.56 / 99.72%, test 99.64 / 99.67 / 99.69% (mean 99.67%), the three
-together 99.68%; 26.7 min a run. With every kernel gradient as one patch-matrix product (before
-layers.PATCH_MATRIX_LIMIT) the same recipe gave test 99.68 / 99.65 / 99.70%: the two differ only
-in summation order, so the gap is run-to-run noise. Without the average (raw weights, patch
-matrices): test 99.63 / 99.59 / 99.68% (mean 99.63%). BatchNorm statistics recomputed on 5,000 clean
-training images (--config.batch_stats_examples=5000) were measured and not adopted: on the same
-averaged weights validation moved +0.04 / -0.08 / +0.04 / +0.02% and test 0 / 0 / +0.01 / -0.01%
-(three seeds part way, seed 0 at the end), and seed 0 selected with them reports the same 99.64%.
+twice the width still trains 1.5x faster than the 16/32/64 network on the 24x24 centre.
 
-Other writers (issue 22): the recipe also draws, per example, strokes up to 1 px a side thicker,
+Other writers (issue 22): the recipe draws, per example, strokes up to 1 px a side thicker,
 widths scaled within [1/1.2, 1.2], 5% of digits stretched to fill a square box, 30% rendered at
 8-16 px and back, 20% binarized and 20% at 3-16 grey levels (config.augment). Chosen on validation
 and scikit-learn's digits (benchmarks/dev_digits.py), never on test, with fast-recipe-sized runs:
-there this set moved validation 99.58 -> 99.50% and the development set 86.5 -> 98.1%. The figures
-above are of the recipe before it. With it, seed 0 (finished, 20 epochs): best validation 99.74%
-at epoch 15, the checkpoint selected, which reads MNIST test 99.59% and the development set
-98.50%. That test figure is below the old seed 0's 99.64% and the 99.65% goal. Seeds 1 and 2
-are still to be measured: until then the 3-seed mean >= 99.65% on test is unverified (if it falls
-short, lower the capture probabilities first: slant and aspect cost no validation on the fast net).
+there this set moved validation 99.58 -> 99.50% and the development set 86.5 -> 98.1%.
+
+One recipe does not serve both goals, measured here (same machine kind, 2 CPU cores):
+- this recipe (writer and capture augmentation), seeds 0 / 1: best validation 99.74 / 99.66%,
+  MNIST test 99.59 / 99.60%; scikit-learn's real digits read through the predict path 98.2% (seed
+  0); seed 2 not yet measured. Two seeds already put the 3-seed mean under 99.65% unless seed 2
+  reads >= 99.76%.
+- the `mnist` variant (the same network with the writer and capture transforms off), seeds
+  0 / 1 / 2: best validation 99.66 / 99.56 / 99.72%, test 99.64 / 99.67 / 99.69% (mean 99.67%),
+  the three together 99.68%; measured before the transforms existed (at strength 0 they draw
+  nothing); on scikit-learn's digits the fast network without them reads 86.5%.
+The augmented recipe costs about 0.06 points of MNIST test and gains about 12 points on other
+writers, so it is the headline and what `hwrjax predict` and `hwrjax serve` are meant to read
+with; train the `mnist` variant for MNIST figures alone.
 """
 
 from configs import default
@@ -52,12 +52,18 @@ def get_config(arg: str = ""):
     c.augment.resolution_prob = 0.3
     c.augment.binarize_prob = 0.2
     c.augment.quantize_prob = 0.2
-    if arg == "smoke":
+    if arg == "mnist":
+        # The writer and capture transforms back to their defaults (off): the MNIST-accuracy recipe.
+        defaults = default.get_config().augment
+        for name in ("stroke_thicken_px", "aspect", "stretch_prob", "resolution_prob", "binarize_prob",
+                     "quantize_prob"):
+            c.augment[name] = defaults[name]
+    elif arg == "smoke":
         default.smoke(c)
         c.model.stage_sizes = (1, 1)
         c.model.stage_widths = (8, 16)
         c.model.stem_width = 8
         c.dataset.test_split = "test[:1000]"
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/resnet.py; use '' or 'smoke'")
+        raise ValueError(f"unknown variant {arg!r} of configs/resnet.py; use '', 'mnist' or 'smoke'")
     return c

@@ -335,6 +335,22 @@ def test_writer_fields_from_config():
     assert AugmentParams.from_config(old) == base
 
 
+def test_resnet_recipe_variants_differ_only_in_the_writer_transforms():
+    from configs import resnet
+
+    robust, mnist = resnet.get_config(), resnet.get_config("mnist")
+    robust_params, mnist_params = AugmentParams.from_config(robust.augment), AugmentParams.from_config(mnist.augment)
+    # The headline draws the writer and capture transforms; the mnist variant draws none of them...
+    assert robust_params.binarize_prob > 0 and robust_params.resolution_prob > 0 and robust_params.stroke_thicken_px > 0
+    assert mnist_params == AugmentParams.from_config(default.get_config().augment)
+    # ...and everything else (network, schedule, averaging, the geometric augmentation) is the same.
+    robust_dict, mnist_dict = robust.to_dict(), mnist.to_dict()
+    robust_dict.pop("augment"), mnist_dict.pop("augment")
+    assert robust_dict == mnist_dict
+    with pytest.raises(ValueError, match="'', 'mnist' or 'smoke'"):
+        resnet.get_config("robust")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("binarize_prob", 1.5, "binarize_prob is a probability"),
     ("stretch_prob", -0.1, "stretch_prob must be >= 0"),

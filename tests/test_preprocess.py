@@ -417,6 +417,17 @@ def _render(form: str, kind: str, seed: int = 0) -> np.ndarray:
     return forms.render_form(form, (mnist_like(kind) * 255).astype(np.uint8), np.random.default_rng(seed))
 
 
+@pytest.mark.parametrize("kind", ["7", "4", "0"])
+def test_clean_tiny_scan_keeps_its_grey_levels(kind):
+    # A 16 px scan at 4 grey levels: each level is the pen's coverage of a pixel. The path keeps
+    # them all, faint edges included, as the classic hand normalization does (cutting a floor and
+    # gating by the Otsu mask left ~10% less ink and read scikit-learn's digits 0.5 points worse).
+    scan = _render("levels16", kind)
+    out, by_hand = to_mnist(scan), forms.classic_normalize(scan)
+    assert corr1(out, by_hand) > 0.99
+    assert 0.95 < out.sum() / by_hand.sum() < 1.05
+
+
 @pytest.mark.parametrize(
     "form,kind", [(f, k) for f in _SHAPE_KEPT for k in _KINDS if (f, k) not in _DESTROYED]
 )
@@ -426,7 +437,7 @@ def test_captured_digit_becomes_the_glyph(form, kind):
     h, w = ink_box(out, 0.05)
     assert 19 <= max(h, w) <= 21
     cy, cx = ndimage.center_of_mass(out)
-    assert abs(cy - 14) <= 0.5 + 1e-6 and abs(cx - 14) <= 0.5 + 1e-6
+    assert abs(cy - 14) <= 0.5 + 1e-4 and abs(cx - 14) <= 0.5 + 1e-4  # float32 sums
 
 
 @pytest.mark.parametrize("kind", _KINDS)
