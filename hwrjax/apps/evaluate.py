@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from hwrjax.inference import calibration as calibration_lib
 from hwrjax.inference import metrics as metrics_lib
 from hwrjax.inference.loader import LoadedModel, load_model
 from hwrjax.inference.predict import TTA_AUGMENT, check_count, check_same_dataset, ensemble_both, fit_calibration
-from hwrjax.training import runlock
+from hwrjax.training import runlock, storage
 from hwrjax.training import checkpoint as checkpoint_lib
 
 SPLIT_ALIASES = ("test", "validation", "train")
@@ -170,7 +171,7 @@ def workdir_list(workdirs: str | os.PathLike | Sequence[str]) -> list[str]:
         raise HwrjaxError("pass at least one --workdir")
     seen = set()
     for w in items:
-        key = os.path.realpath(w)
+        key = w if storage.is_url(w) else os.path.realpath(w)
         if key in seen:
             raise HwrjaxError(f"workdir {w} is given twice; an ensemble needs distinct runs")
         seen.add(key)
@@ -264,7 +265,7 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
         dataset=dataset,
         split=tfds_split,
         requested_split=split,
-        workdirs=[os.path.abspath(w) for w in workdirs],
+        workdirs=[storage.absolute(w) for w in workdirs],
         checkpoint=which,
         checkpoint_steps=[m.step for m in models],
         tta=tta,
@@ -314,27 +315,25 @@ def report_stem(split: str, ensemble_size: int = 1, tta: int = 0, which: str | i
 def read_history(workdir: str) -> list[dict]:
     """Rows of WORKDIR/metrics.jsonl (an unreadable line, e.g. one being written, is skipped)."""
     rows = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return rows
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(array, mode="RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    Image.fromarray(array, mode="RGB").save(png, format="PNG")
+    storage.write_atomic(path, png.getvalue())
 
 
 def write_pictures(workdir: str, history_rows: Sequence[Mapping[str, Any]] | None = None,
@@ -372,10 +371,12 @@ def write_pictures(workdir: str, history_rows: Sequence[Mapping[str, Any]] | Non
         if tensorboard and figures:
             from tensorboardX import SummaryWriter
 
-            writer = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            tensorboard_dir = storage.join(workdir, TENSORBOARD_DIR)
+            storage.register_tensorboard_scheme(tensorboard_dir)
+            writer = SummaryWriter(tensorboard_dir)
         for name, fig in figures.items():
             array = plots.figure_to_array(fig)
-            path = os.path.join(picture_dir or os.path.join(workdir, REPORT_DIR), f"{name}.png")
+            path = storage.join(picture_dir or storage.join(workdir, REPORT_DIR), f"{name}.png")
             _save_png(array, path)
             paths[name] = path
             if writer is not None:
@@ -423,9 +424,8 @@ def format_calibration(report: Mapping[str, Any], workdirs: Sequence[str]) -> st
 
 def _read_json(path: str) -> dict | None:
     try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        obj = json.loads(storage.read_bytes(path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -457,8 +457,8 @@ def _finite(value: Any) -> float | None:
 
 def summarize_run(workdir: str) -> dict:
     """One `compare_table` row from a workdir's config.json, report/test_metrics.json and metrics.jsonl."""
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
-    test = _read_json(os.path.join(workdir, REPORT_DIR, "test_metrics.json")) or {}
+    config = _read_json(storage.join(workdir, "config.json")) or {}
+    test = _read_json(storage.join(workdir, REPORT_DIR, "test_metrics.json")) or {}
     rows = read_history(workdir)
     epochs = [r["epoch"] for r in rows if isinstance(r.get("epoch"), int)]
     val = _finite(test.get("best_val_accuracy"))

@@ -11,6 +11,7 @@ from hwrjax.apps import evaluate as evaluate_lib
 from hwrjax.cli.toolkit import ArgumentParser, check_writable, parse_checkpoint, run_command, writable_at
 from hwrjax.core.errors import CheckpointError
 from hwrjax.inference import metrics as metrics_lib
+from hwrjax.training import storage
 from hwrjax.training.logs import write_json_atomic
 
 
@@ -44,29 +45,28 @@ def evaluate_main(argv: list[str]) -> int:
             return int(e.code or 0)
         workdirs = evaluate_lib.workdir_list(args.workdir)
         primary = workdirs[0]
-        if not os.path.isdir(primary):
+        if not storage.is_dir(primary):
             raise CheckpointError(f"{primary} is not a directory; pass the --workdir of a training run")
         stem = evaluate_lib.report_stem(args.split, len(workdirs), args.tta, args.checkpoint)
-        default_output = os.path.join(primary, evaluate_lib.REPORT_DIR, f"{stem}_metrics.json")
+        default_output = storage.join(primary, evaluate_lib.REPORT_DIR, f"{stem}_metrics.json")
         output = args.output or default_output
-        check_writable(os.path.dirname(os.path.abspath(output)))
-        picture_dir, tensorboard = os.path.join(primary, evaluate_lib.REPORT_DIR), not args.no_tensorboard
+        check_writable(os.path.dirname(storage.absolute(output)))
+        picture_dir, tensorboard = storage.join(primary, evaluate_lib.REPORT_DIR), not args.no_tensorboard
         if args.output and writable_at(picture_dir) is not None:
             # A read-only workdir: everything goes beside --output, TensorBoard images are left out.
-            picture_dir, tensorboard = os.path.dirname(os.path.abspath(output)), False
+            picture_dir, tensorboard = os.path.dirname(storage.absolute(output)), False
         check_writable(picture_dir)
 
         result = evaluate_lib.run_evaluation(workdirs, split=args.split, tta=args.tta, which=args.checkpoint,
                                              batch_size=args.batch_size)
         report = result.report
         saved = dict(report)
-        if output == default_output and os.path.exists(output):
+        if output == default_output and storage.exists(output):
             # Evaluating the run's own test split adds detail to the training's test_metrics.json
             # and keeps what only training knows (wall time, parameter count, best validation).
             try:
-                with open(output) as f:
-                    previous = json.load(f)
-            except (OSError, json.JSONDecodeError):
+                previous = json.loads(storage.read_bytes(output))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
                 previous = {}
             if isinstance(previous, dict):
                 saved = {**{k: v for k, v in previous.items() if k not in report}, **report}
@@ -111,7 +111,7 @@ def calibrate_main(argv: list[str]) -> int:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
-        if not os.path.isdir(args.workdir):
+        if not storage.is_dir(args.workdir):
             raise CheckpointError(f"{args.workdir} is not a directory; pass the --workdir of a training run")
         check_writable(args.workdir)
         r = evaluate_lib.calibrate(args.workdir, args.checkpoint, args.batch_size)
@@ -138,7 +138,7 @@ def compare_main(argv: list[str]) -> int:
             return int(e.code or 0)
         for w in args.workdirs:
             markers = ("config.json", "metrics.jsonl", os.path.join(evaluate_lib.REPORT_DIR, "test_metrics.json"))
-            if not os.path.isdir(w) or not any(os.path.exists(os.path.join(w, m)) for m in markers):
+            if not storage.is_dir(w) or not any(storage.exists(storage.join(w, m)) for m in markers):
                 raise CheckpointError(f"{w} is not a training workdir (no config.json, metrics.jsonl or "
                                       "report/test_metrics.json); pass directories given to launch.py --workdir")
         table = metrics_lib.compare_table([evaluate_lib.summarize_run(w) for w in args.workdirs])

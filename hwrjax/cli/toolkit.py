@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from hwrjax.core.errors import HwrjaxError
+from hwrjax.training import storage
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,7 +56,10 @@ def run_command(body: Callable[[], int]) -> int:
 
 
 def writable_at(directory: str) -> str | None:
-    """None if `directory` exists writable or can be created, else the folder in the way."""
+    """None if `directory` exists writable or can be created, else the folder in the way (a folder in
+    object storage, a URL, is taken as writable: a failed write there is reported when it happens)."""
+    if storage.is_url(directory):
+        return None
     probe = os.path.abspath(directory)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)

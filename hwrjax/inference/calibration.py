@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from hwrjax.core import losses
 from hwrjax.core.errors import CheckpointError, HwrjaxError
+from hwrjax.training import storage
 from hwrjax.training.logs import write_json_atomic
 
 CALIBRATION_FILE = "calibration.json"
@@ -107,7 +107,7 @@ def fit_temperature(logits: Any, labels: Any, loss: str = "cross_entropy") -> fl
 
 def calibration_path(workdir: str) -> str:
     """Where a run keeps its fitted temperatures: WORKDIR/calibration.json."""
-    return os.path.join(os.fspath(workdir), CALIBRATION_FILE)
+    return storage.join(workdir, CALIBRATION_FILE)
 
 
 def read_calibration(workdir: str) -> dict[int, dict]:
@@ -116,11 +116,10 @@ def read_calibration(workdir: str) -> dict[int, dict]:
     Raises CheckpointError for a file that exists but is not such a table.
     """
     path = calibration_path(workdir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return {}
     try:
-        with open(path) as f:
-            table = json.load(f)
+        table = json.loads(storage.read_bytes(path))
         records = table["checkpoints"]
         out = {int(step): dict(record) for step, record in records.items()}
         for step, record in out.items():

@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from hwrjax.core.errors import CheckpointError, Diverged
+from hwrjax.training import storage
 from hwrjax.training.logs import is_library_noise
 
 LATEST_DIR = "checkpoints"
@@ -52,8 +53,7 @@ def _handlers() -> dict:
 def absolute_path(path: str) -> str:
     """`path` made absolute (Orbax reads checkpoint metadata only from absolute paths); URLs
     such as gs://bucket/run are returned as they are."""
-    path = os.fspath(path)
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return storage.absolute(path)
 
 
 def _model_tree(state: Any) -> dict:
@@ -307,8 +307,8 @@ def load_config(workdir: str):
     """Reads the ConfigDict saved in `workdir/config.json`; a missing or damaged one is one CheckpointError line."""
     import ml_collections
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise CheckpointError(f"{workdir} holds no config.json; pass the workdir of a training run")
     saved = read_config_json(path)
     for section in ("model", "dataset"):
@@ -321,8 +321,7 @@ def load_config(workdir: str):
 def read_config_json(path: str) -> dict:
     """The JSON object in a workdir's config.json; raises CheckpointError if it is unreadable or not an object."""
     try:
-        with open(path, "rb") as f:
-            saved = json.loads(f.read().decode("utf-8"))
+        saved = json.loads(storage.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is unreadable ({reason}); restore it from a copy "

@@ -14,7 +14,7 @@ from hwrjax.core import augment as augment_lib
 from hwrjax.core import losses as losses_lib
 from hwrjax.core import optim as optim_lib
 from hwrjax.core.errors import ConfigError
-from hwrjax.training import parallel
+from hwrjax.training import parallel, storage
 
 
 def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -92,15 +92,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def check_workdir(workdir: str) -> None:
-    """Creates `workdir` and proves it is writable, or raises ConfigError."""
+    """Creates `workdir` (a local folder or a URL) and proves it is writable, or raises ConfigError."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        storage.makedirs(workdir)
+        probe = storage.join(workdir, f".write_test_{os.getpid()}")
+        storage.write_atomic(probe, "ok")
+        storage.remove(probe)
     except OSError as e:
-        raise ConfigError(f"workdir {workdir} cannot be written ({e.strerror}); pass a --workdir you can write to")
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"workdir {workdir} cannot be written ({reason}); pass a --workdir you can write to") \
+            from None
 
 
 # Config fields added after runs were made, with the value that behaves as runs without the field

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
 from absl import logging
+
+from hwrjax.training import storage
 
 
 def summary_writer_class() -> type:
@@ -31,18 +32,9 @@ def summary_writer_class() -> type:
 
 
 def write_json_atomic(path: str, obj: Any) -> str:
-    """Writes `obj` as JSON to `path` through a temporary file renamed over it, so a reader never
-    sees half a file; creates the folder; returns the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Writes `obj` as JSON to `path` (local or a URL) so a reader never sees half a file; creates the
+    folder; returns the path (see hwrjax.training.storage.write_atomic)."""
+    return storage.write_json_atomic(path, obj)
 
 
 def keep_rows_until(path: str, step: int) -> None:
@@ -52,25 +44,23 @@ def keep_rows_until(path: str, step: int) -> None:
     again); a line cut short by a killed process goes too. Every logged step then has one
     row of each kind, however often the run was resumed.
     """
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return
     kept = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                row_step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if row_step < step or (row_step == step and not any(k.startswith("test_") for k in row)):
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    for line in storage.read_text(path).splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+            row_step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if row_step < step or (row_step == step and not any(k.startswith("test_") for k in row)):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    storage.write_atomic(path, "".join(kept))
 
 
 class MetricLogger:
-    """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log.
+    """Writes each metrics row to WORKDIR/metrics.jsonl, TensorBoard and the log (a local or URL workdir,
+    through hwrjax.training.storage).
 
     With `resume_step`, rows a run resumed at that step writes again are dropped from
     metrics.jsonl first (see `keep_rows_until`).
@@ -88,9 +78,11 @@ class MetricLogger:
         if not enabled:
             return
         if resume_step is not None:
-            keep_rows_until(os.path.join(workdir, "metrics.jsonl"), resume_step)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"))
+            keep_rows_until(storage.join(workdir, "metrics.jsonl"), resume_step)
+        self._file = storage.LineLog(storage.join(workdir, "metrics.jsonl"))
+        tensorboard = storage.join(workdir, "tensorboard")
+        storage.register_tensorboard_scheme(tensorboard)
+        self._tb = summary_writer_class()(tensorboard)
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -113,8 +105,7 @@ class MetricLogger:
         """Records one row of scalar metrics at `step`."""
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": int(step), **row}) + "\n")
-        self._file.flush()
+        self._file.write(json.dumps({"step": int(step), **row}))
         for key, value in row.items():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
@@ -133,7 +124,7 @@ class MetricLogger:
 
     def write_report(self, name: str, report: dict) -> str:
         """Writes `report` as JSON to WORKDIR/report/NAME atomically and returns the path."""
-        path = os.path.join(self.workdir, "report", name)
+        path = storage.join(self.workdir, "report", name)
         if self.enabled:
             write_json_atomic(path, report)
         return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -34,7 +33,7 @@ from hwrjax.core.errors import ConfigError, Diverged, Preempted, WorkdirBusy
 from hwrjax.core.steps import (PMAP_AXIS, epoch_order, eval_step, make_batch_fn, make_fused_pmap_step, make_step_fn,
                                summarize_eval, to_float_images)
 from hwrjax.core.train_state import TrainState, averaged, create_train_state, init_ema, with_delivered_batch_stats
-from hwrjax.training import parallel, runlock
+from hwrjax.training import parallel, runlock, storage
 from hwrjax.training import checkpoint as checkpoint_lib
 from hwrjax.training import data as data_lib
 from hwrjax.training.config_checks import check_workdir, config_as_dict, config_differences, validate_config
@@ -250,9 +249,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     num_devices = mesh.devices.size
     is_main = jax.process_index() == 0
 
-    config_path = os.path.join(workdir, "config.json")
+    config_path = storage.join(workdir, "config.json")
     current = config_as_dict(config)
-    rewrite_config = not os.path.exists(config_path)
+    rewrite_config = not storage.exists(config_path)
     if not rewrite_config:
         saved = checkpoint_lib.read_config_json(config_path)
         diffs = config_differences(saved, current)
@@ -317,9 +316,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_c
     # Written only now, under the lock, once the workdir's checkpoints are known to fit this config:
     # a launch that fails earlier leaves a workdir's config.json (or its absence) as it was.
     if is_main and rewrite_config:
-        with open(config_path + ".tmp", "w") as f:
-            f.write(config.to_json(indent=2))
-        os.replace(config_path + ".tmp", config_path)
+        storage.write_atomic(config_path, config.to_json(indent=2))
 
     val_set = EvalSet(splits.validation, config.eval_batch_size, mesh) if splits.validation and validate else None
     test_set = EvalSet(splits.test, config.eval_batch_size, mesh)

@@ -17,6 +17,7 @@ import socket
 from absl import logging
 
 from hwrjax.core.errors import CheckpointError, WorkdirBusy
+from hwrjax.training import storage
 
 LOCK_NAME = "run.lock"
 
@@ -53,10 +54,13 @@ def _holder(fd: int) -> str:
 def acquire(workdir: str) -> RunLock:
     """Takes WORKDIR's run lock or raises WorkdirBusy naming the process that holds it.
 
-    Workdirs that are URLs (gs://...) have no local lock file; they are not locked.
+    A workdir in object storage (a URL such as gs://bucket/run) is not locked: object storage has no
+    lock a killed run would give back (a marker object would shut out the resume after a preemption).
+    That is said in one warning; keeping to one run per such workdir is then the user's part.
     """
-    if "://" in os.fspath(workdir):
-        logging.warning("%s is not a local folder: it cannot be locked against a second run.", workdir)
+    if storage.is_url(workdir):
+        logging.warning("%s is in object storage, which has no file locks: it is not locked against a second "
+                        "run; start only one run per workdir there.", workdir)
         return RunLock("", None)
     path = os.path.join(workdir, LOCK_NAME)
     try:
