@@ -60,8 +60,9 @@ def _read(recognizer, images: list[np.ndarray], labels: np.ndarray) -> dict:
 def main(argv: list[str]) -> None:
     del argv
     from configs import default
-    from hwrjax.apps.recognize import Recognizer, quiet_loading
+    from hwrjax.apps.recognize import Recognizer
     from hwrjax.training import data
+    from hwrjax.training.logs import library_logs_quieted
     from tests.support import forms
 
     test = data.load_split(data.ensure_prepared(default.get_config()), "test")
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
     names = [n for n in FLAGS.forms.split(",") if n] or list(forms.FORMS)
     results: dict = {}
     for workdir in FLAGS.workdir:
-        with quiet_loading():
+        with library_logs_quieted():
             recognizer = Recognizer.from_workdir(workdir)
         res: dict = {"model": recognizer.name, "step": recognizer.step, "forms": {}}
         for name in names:

@@ -116,13 +116,14 @@ def _number_job(args: tuple[list[np.ndarray], int, int]) -> list[np.ndarray | No
 
 def main(argv: list[str]) -> None:
     del argv
-    from hwrjax.apps.recognize import Recognizer, quiet_loading
+    from hwrjax.apps.recognize import Recognizer
+    from hwrjax.training.logs import library_logs_quieted
 
     workers = FLAGS.workers or os.cpu_count() or 1
     images, labels = _load_test(FLAGS.data_dir or os.environ.get("TFDS_DATA_DIR"))
     if FLAGS.limit:
         images, labels = images[:FLAGS.limit], labels[:FLAGS.limit]
-    with quiet_loading():
+    with library_logs_quieted():
         recognizer = Recognizer.from_workdir(FLAGS.workdir)
 
     t0 = time.perf_counter()

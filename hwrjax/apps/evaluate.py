@@ -52,7 +52,7 @@ TENSORBOARD_DIR = "tensorboard"
 def calibrate(workdir: str, which: str | int = "best", batch_size: int | None = None) -> dict:
     """Fits the temperature of a run's checkpoint on the run's validation split and stores it in
     WORKDIR/calibration.json; returns the record (with "step" and "path")."""
-    which = _check_which(which)
+    which = checkpoint_lib.parse_choice(which)
     config = checkpoint_lib.load_config(workdir)
     if int(config.dataset.validation_size) <= 0:
         raise DataError(f"{workdir} was trained without a validation split (config.dataset.validation_size=0), "
@@ -153,16 +153,6 @@ class Evaluation:
     predictions: SplitPredictions
 
 
-def _check_which(which: str | int) -> str | int:
-    if which in ("best", "latest"):
-        return which
-    if isinstance(which, str) and which.isdigit():
-        return int(which)
-    if isinstance(which, (int, np.integer)) and not isinstance(which, bool) and which >= 0:
-        return int(which)
-    raise HwrjaxError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
-
-
 def workdir_list(workdirs: str | os.PathLike | Sequence[str]) -> list[str]:
     """`workdirs` (one or several) as a list of distinct paths; raises HwrjaxError for none or a repeat."""
     items = [workdirs] if isinstance(workdirs, (str, os.PathLike)) else list(workdirs)
@@ -216,7 +206,7 @@ def run_evaluation(workdirs: str | Sequence[str], split: str = "test", tta: int 
     start = time.time()
     workdirs = workdir_list(workdirs)
     tta = check_count(tta, "tta", 0)
-    which = _check_which(which)
+    which = checkpoint_lib.parse_choice(which)
     if batch_size is not None:
         batch_size = check_count(batch_size, "batch_size", 1)
     # Cheap checks first: configs, datasets, the split; then models; then data and inference.

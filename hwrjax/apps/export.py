@@ -34,6 +34,7 @@ import numpy as np
 from hwrjax.core.errors import HwrjaxError
 from hwrjax.inference import loader
 from hwrjax.inference import calibration as calibration_lib
+from hwrjax.training.storage import check_new_output
 
 __all__ = ["FORMATS", "PLATFORMS", "ExportError", "check_images", "check_output", "check_platforms", "export_model",
            "export_savedmodel", "export_stablehlo", "export_tflite", "inference_function", "load_stablehlo", "run_tflite",
@@ -129,17 +130,7 @@ def _check_inputs(batch_size: int | None) -> np.ndarray:
 
 def check_output(output: str) -> str:
     """Absolute output path; raises if it exists or its folder cannot be written."""
-    path = os.path.abspath(os.path.expanduser(os.fspath(output)))
-    if os.path.lexists(path):
-        raise ExportError(f"{path} already exists; pass a new --output (an existing one is never overwritten)")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create {parent} ({e.strerror}); pass an --output you can write to") from e
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"{parent} is not writable; pass an --output you can write to")
-    return path
+    return check_new_output(output, "--output", ExportError)
 
 
 def _publish(tmp: str, path: str) -> None:

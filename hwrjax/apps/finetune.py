@@ -64,7 +64,7 @@ from hwrjax.training import loop, parallel
 from hwrjax.training import checkpoint as checkpoint_lib
 from hwrjax.training import data as data_lib
 from hwrjax.training.config_checks import config_as_dict, config_differences
-from hwrjax.training.logs import write_json_atomic
+from hwrjax.training.storage import check_new_output, write_json_atomic
 
 __all__ = ["FinetuneError", "FinetuneOptions", "Samples", "check_options", "check_output_workdir", "finetune",
            "load_samples", "split_samples"]
@@ -214,19 +214,9 @@ def check_output_workdir(output: str, base: str) -> str:
     path = os.path.abspath(os.path.expanduser(output))
     if path == os.path.abspath(base):
         raise FinetuneError("--output-workdir must differ from --workdir; the base run is never changed")
-    if os.path.isdir(path) and os.listdir(path) and not _unfinished_finetune(path):
-        raise FinetuneError(f"{path} already exists and is not empty; pass a new --output-workdir "
-                            "(nothing is ever overwritten)")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise FinetuneError(f"{path} exists and is not a folder; pass a new --output-workdir")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise FinetuneError(f"cannot create {parent} ({e.strerror}); pass an --output-workdir you can write to") from e
-    if not os.access(parent, os.W_OK):
-        raise FinetuneError(f"{parent} is not writable; pass an --output-workdir you can write to")
-    return path
+    if _unfinished_finetune(path):
+        return path
+    return check_new_output(path, "--output-workdir", FinetuneError, folder_ok=True)
 
 
 def check_options(o: FinetuneOptions) -> None:

@@ -29,6 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from hwrjax.training.storage import atomic_file
+
 __all__ = [
     "DPI",
     "TRAINING_CURVES_SIZE",
@@ -82,8 +84,8 @@ def figure_to_array(fig: Figure) -> np.ndarray:
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write a figure as an RGB PNG (pixels identical to ``figure_to_array``) and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(figure_to_array(fig), mode="RGB").save(path, format="PNG")
+    with atomic_file(os.fspath(path)) as f:
+        Image.fromarray(figure_to_array(fig), mode="RGB").save(f, format="PNG")
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import multiprocessing
@@ -33,12 +32,11 @@ from absl import logging
 from hwrjax.apps import preprocess
 from hwrjax.apps.preprocess import ImageError
 from hwrjax.core import losses
-from hwrjax.core.errors import CheckpointError, HwrjaxError
+from hwrjax.core.errors import HwrjaxError
 from hwrjax.inference import calibration, loader
-from hwrjax.training import checkpoint
 
 __all__ = ["MODES", "IMAGE_EXTENSIONS", "PreparePool", "PreparePoolError", "Reading", "Recognizer", "find_images",
-           "prepare_batch", "prepare_image", "quiet_loading"]
+           "prepare_batch", "prepare_image"]
 
 MODES = ("number", "digit")
 # Extensions `hwrjax predict` picks up when it walks a folder (files named directly are always read).
@@ -131,24 +129,24 @@ class Recognizer:
 
     @classmethod
     def from_workdir(cls, workdir: str, checkpoint: str | int = "best", **kwargs: Any) -> "Recognizer":
-        """Loads the model of a training run: the best checkpoint, "latest", or a step number."""
-        if not os.path.isdir(workdir):
-            raise CheckpointError(f"workdir {workdir!r} does not exist; pass the --workdir of a training run")
-        config = _load_config(workdir)
-        variables, step = _load_variables(workdir, checkpoint)
-        try:
-            model = loader.build_model(config.model, config.dtype, variables["params"])
-        except (KeyError, AttributeError, TypeError, IndexError) as e:
-            raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
-                                  "pass the workdir the checkpoint was trained in") from None
-        logging.info("Loaded %s (step %d) from %s.", config.model.name, step, workdir)
-        if "temperature" not in kwargs:
-            kwargs["temperature"], record = calibration.load_temperature(workdir, step)
-            if record is None:
-                logging.warning("%s has no fitted temperature for step %d: probabilities are uncalibrated (T=1); "
-                                "fit one with `hwrjax calibrate --workdir=%s`.", workdir, step, workdir)
-        return cls(model, variables, step=step, name=str(config.model.name), loss=str(config.loss.name),
-                   **kwargs)
+        """Loads the model of a training run: the best checkpoint, "latest", or a step number; warns
+        when the run has no fitted temperature for it."""
+        model = loader.load_model(workdir, checkpoint)
+        if "temperature" not in kwargs and model.calibration is None:
+            logging.warning("%s has no fitted temperature for step %d: probabilities are uncalibrated (T=1); "
+                            "fit one with `hwrjax calibrate --workdir=%s`.", workdir, model.step, workdir)
+        return cls.from_loaded(model, **kwargs)
+
+    @classmethod
+    def from_loaded(cls, model: loader.LoadedModel, **kwargs: Any) -> "Recognizer":
+        """A Recognizer of a model loaded from a workdir (`hwrjax.inference.loader.load_model`), with its
+        stored temperature unless `temperature` is given."""
+        if model.module is None:
+            raise TypeError("from_loaded takes a model loaded from a workdir (hwrjax.inference.loader.load_model)")
+        logging.info("Loaded %s (step %d) from %s.", model.config.model.name, model.step, model.workdir)
+        kwargs.setdefault("temperature", model.temperature)
+        return cls(model.module, model.variables, step=model.step, name=str(model.config.model.name),
+                   loss=model.loss, **kwargs)
 
     # ---------------------------------------------------------------- the model call
 
@@ -445,35 +443,7 @@ def _mnist_form(a: np.ndarray) -> np.ndarray:
     return a / 255.0 if hi > 1.0 else a
 
 
-def _load_config(workdir: str):
-    config = checkpoint.load_config(workdir)
-    if "model" not in config or "name" not in config.model:
-        raise CheckpointError(f"{workdir}/config.json has no model section; pass the workdir of a training run")
-    if "dtype" not in config:
-        config.dtype = "float32"
-    return config
-
-
-def _load_variables(workdir: str, which: str | int) -> tuple[dict, int]:
-    if isinstance(which, str) and which not in ("best", "latest"):
-        if not which.isdigit():
-            raise CheckpointError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
-        which = int(which)
-    return checkpoint.load_variables(workdir, which)
-
-
-# -------------------------------------------------------------------- Loading a workdir; finding image files
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Hides orbax's warnings about read-only checkpoint options, meaningless to a command's user."""
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
+# -------------------------------------------------------------------- Finding image files
 
 
 def _not_regular(path: str) -> str | None:

@@ -8,11 +8,10 @@ import os
 import sys
 
 from hwrjax.apps import evaluate as evaluate_lib
-from hwrjax.cli.toolkit import ArgumentParser, check_writable, parse_checkpoint, run_command, writable_at
+from hwrjax.cli.toolkit import ArgumentParser, check_run_workdir, check_writable, run_command, writable_at
 from hwrjax.core.errors import CheckpointError
 from hwrjax.inference import metrics as metrics_lib
 from hwrjax.training import storage
-from hwrjax.training.logs import write_json_atomic
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:
@@ -24,7 +23,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
                         "folder of your own labelled images (sub-folders 0..9, each holding images of that digit)")
     p.add_argument("--tta", type=int, default=0,
                    help="test-time augmentation: average K views (view 0 unchanged); 0 or 1 disables")
-    p.add_argument("--checkpoint", type=parse_checkpoint, default="best", help="best, latest or a step number")
+    p.add_checkpoint()
     p.add_argument("--output", default=None,
                    help="JSON report path (default WORKDIR/report/<split>[_ensembleN][_ttaK]_metrics.json); "
                         "with a read-only workdir the pictures go beside it")
@@ -36,17 +35,10 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str]) -> int:
     """`hwrjax evaluate`: prints the report, writes it as JSON and the pictures as PNG and TensorBoard images."""
-    parser = _evaluate_parser()
 
-    def body() -> int:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
+    def body(args: argparse.Namespace) -> int:
         workdirs = evaluate_lib.workdir_list(args.workdir)
-        primary = workdirs[0]
-        if not storage.is_dir(primary):
-            raise CheckpointError(f"{primary} is not a directory; pass the --workdir of a training run")
+        primary = check_run_workdir(workdirs[0])
         stem = evaluate_lib.report_stem(args.split, len(workdirs), args.tta, args.checkpoint)
         default_output = storage.join(primary, evaluate_lib.REPORT_DIR, f"{stem}_metrics.json")
         output = args.output or default_output
@@ -70,7 +62,7 @@ def evaluate_main(argv: list[str]) -> int:
                 previous = {}
             if isinstance(previous, dict):
                 saved = {**{k: v for k, v in previous.items() if k not in report}, **report}
-        write_json_atomic(output, saved)
+        storage.write_json_atomic(output, saved)
         pictures = evaluate_lib.write_pictures(primary, evaluate_lib.read_history(primary), result.predictions, report, stem=stem,
                                                step=report["checkpoint_steps"][0], tensorboard=tensorboard,
                                                picture_dir=picture_dir)
@@ -93,7 +85,7 @@ def evaluate_main(argv: list[str]) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         return 0
 
-    return run_command(body)
+    return run_command(_evaluate_parser(), argv, body)
 
 
 def calibrate_main(argv: list[str]) -> int:
@@ -102,18 +94,12 @@ def calibrate_main(argv: list[str]) -> int:
                             description="Fit the temperature that calibrates a run's probabilities (on its "
                                         "validation split) and store it in WORKDIR/calibration.json.")
     parser.add_argument("--workdir", required=True, help="workdir of a training run")
-    parser.add_argument("--checkpoint", type=parse_checkpoint, default="best", help="best, latest or a step number")
+    parser.add_checkpoint()
     parser.add_argument("--batch_size", type=int, default=None,
                         help="inference batch size (default: the run's eval_batch_size)")
 
-    def body() -> int:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        if not storage.is_dir(args.workdir):
-            raise CheckpointError(f"{args.workdir} is not a directory; pass the --workdir of a training run")
-        check_writable(args.workdir)
+    def body(args: argparse.Namespace) -> int:
+        check_writable(check_run_workdir(args.workdir))
         r = evaluate_lib.calibrate(args.workdir, args.checkpoint, args.batch_size)
         sys.stdout.write(
             f"temperature {r['temperature']:.4g} for step {r['step']} of {args.workdir}, fitted on {r['fitted_on']} "
@@ -123,7 +109,7 @@ def calibrate_main(argv: list[str]) -> int:
             f"stored in {r['path']}\n")
         return 0
 
-    return run_command(body)
+    return run_command(parser, argv, body)
 
 
 def compare_main(argv: list[str]) -> int:
@@ -131,11 +117,7 @@ def compare_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="hwrjax compare", description="A side-by-side table of training runs.")
     parser.add_argument("workdirs", nargs="+", metavar="DIR", help="workdirs of training runs")
 
-    def body() -> int:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
+    def body(args: argparse.Namespace) -> int:
         for w in args.workdirs:
             markers = ("config.json", "metrics.jsonl", os.path.join(evaluate_lib.REPORT_DIR, "test_metrics.json"))
             if not storage.is_dir(w) or not any(storage.exists(storage.join(w, m)) for m in markers):
@@ -145,4 +127,4 @@ def compare_main(argv: list[str]) -> int:
         sys.stdout.write(table + "\n")
         return 0
 
-    return run_command(body)
+    return run_command(parser, argv, body)

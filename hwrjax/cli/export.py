@@ -7,9 +7,8 @@ import os
 import sys
 
 from hwrjax.apps.export import FORMATS, PLATFORMS, ExportError, check_output, check_platforms, export_model
-from hwrjax.cli.toolkit import ArgumentParser, parse_checkpoint, run_command
+from hwrjax.cli.toolkit import ArgumentParser, check_run_workdir, run_command
 from hwrjax.core import losses as losses_lib
-from hwrjax.core.errors import CheckpointError
 from hwrjax.inference.loader import load_model
 
 
@@ -37,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="stablehlo (a jax.export file), savedmodel (a TF SavedModel directory), tflite (a file)")
     p.add_argument("--output", required=True, help="path to write; must not exist yet")
-    p.add_argument("--checkpoint", type=parse_checkpoint, default="best",
-                   help="best, latest or a step number")
+    p.add_checkpoint()
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_parse_batch_size, default=None,
                    help="a fixed batch size, or 'polymorphic' (default): any batch size")
     p.add_argument("--platforms", type=_parse_platforms, default=PLATFORMS,
@@ -49,15 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     """`hwrjax export`: writes the artifact, checks it against JAX and prints what it holds."""
-    parser = _parser()
 
-    def body() -> int:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        if not os.path.isdir(args.workdir):
-            raise CheckpointError(f"{args.workdir} is not a directory; pass the --workdir of a training run")
+    def body(args: argparse.Namespace) -> int:
+        check_run_workdir(args.workdir)
         check_output(args.output)
         model = load_model(args.workdir, args.checkpoint)
         path, diff = export_model(model, args.format, args.output, args.batch_size, args.platforms)
@@ -73,4 +65,4 @@ def export_main(argv: list[str]) -> int:
             f"checked against JAX: {check}\n")
         return 0
 
-    return run_command(body)
+    return run_command(_parser(), argv, body)

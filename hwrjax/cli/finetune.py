@@ -7,9 +7,9 @@ import os
 import sys
 from typing import Sequence
 
-from hwrjax.apps.finetune import (REPORT_NAME, FinetuneError, FinetuneOptions, check_options, check_output_workdir,
-                                  finetune, load_samples)
-from hwrjax.cli.toolkit import ArgumentParser, parse_checkpoint, run_command
+from hwrjax.apps.finetune import (REPORT_NAME, FinetuneOptions, check_options, check_output_workdir, finetune,
+                                  load_samples)
+from hwrjax.cli.toolkit import ArgumentParser, check_run_workdir, run_command
 from hwrjax.core.errors import Preempted
 from hwrjax.inference.loader import load_model
 
@@ -43,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
                    help="batch size (default: the base run's)")
     p.add_argument("--seed", type=int, default=None, help="seed (default: the base run's)")
-    p.add_argument("--checkpoint", type=parse_checkpoint, default=d.checkpoint,
-                   help="base checkpoint: best, latest or a step number")
+    p.add_checkpoint(d.checkpoint, help="base checkpoint: best, latest or a step number")
     p.add_argument("--test-split", "--test_split", dest="test_split", default=None,
                    help="MNIST split measured before and after (default: the base run's test split)")
     return p
@@ -52,19 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def finetune_main(argv: Sequence[str]) -> int:
     """`hwrjax finetune`: checks everything, fine-tunes, prints the before/after table."""
-    parser = _parser()
 
-    def body() -> int:
-        try:
-            args = parser.parse_args(list(argv))
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
+    def body(args: argparse.Namespace) -> int:
         options = FinetuneOptions(epochs=args.epochs, mix=args.mix, learning_rate=args.learning_rate,
                                   holdout=args.holdout, batch_size=args.batch_size, seed=args.seed,
                                   checkpoint=args.checkpoint, test_split=args.test_split)
         check_options(options)
-        if not os.path.isdir(args.workdir):
-            raise FinetuneError(f"{args.workdir} is not a directory; pass the --workdir of a training run")
+        check_run_workdir(args.workdir)
         check_output_workdir(args.output_workdir, args.workdir)
         num_classes = load_model(args.workdir, args.checkpoint).num_classes
         samples = load_samples(args.samples, num_classes)
@@ -82,4 +75,4 @@ def finetune_main(argv: Sequence[str]) -> int:
             f"report: {os.path.join(report['workdir'], 'report', REPORT_NAME)}\n")
         return 0
 
-    return run_command(body)
+    return run_command(_parser(), argv, body)

@@ -13,9 +13,9 @@ from typing import Any
 
 from hwrjax.apps import labelled
 from hwrjax.apps.recognize import (MODES, PreparePool, PreparePoolError, Reading, Recognizer, check_min_confidence,
-                                   find_images, prepare_batch, quiet_loading)
-from hwrjax.core.errors import HwrjaxError
-from hwrjax.training.logs import quiet_library_logs
+                                   find_images, prepare_batch)
+from hwrjax.cli.toolkit import ArgumentParser, error_line, run_command
+from hwrjax.inference.loader import load_model
 
 
 def _row(path: str, reading: Reading, label: int | None = None) -> dict[str, Any]:
@@ -114,16 +114,15 @@ def default_workers(images: int) -> int:
     return min(cores, MAX_WORKERS)
 
 
-def predict_main(argv: list[str]) -> int:
-    """`hwrjax predict`: reads digits from image files; exit 0 if any image was read, 1 if none, 2 on usage errors."""
-    parser = argparse.ArgumentParser(
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
         prog="hwrjax predict",
         description="Read handwritten digits or numbers from image files (PNG, JPEG, BMP, ...) or folders of them.",
         epilog="Exit status: 0 if at least one image was read, 1 if none could be (or a preprocessing worker died), "
                "2 for bad options or workdir.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--workdir", required=True, help="workdir of a training run")
-    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    parser.add_checkpoint()
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="number: split into digits and read them all (default); digit: one digit per image "
                              "(default with --labelled)")
@@ -138,35 +137,34 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--labelled", action="store_true",
                         help="each PATH is a folder of labelled images (sub-folders 0..9 named after their digit): "
                              "rows give the label and whether the reading was right, then a summary")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def predict_main(argv: list[str]) -> int:
+    """`hwrjax predict`: reads digits from image files; exit 0 if any image was read, 1 if none, 2 on usage errors."""
+    parser = _parser()
+    return run_command(parser, argv, lambda args: _predict(parser, args))
+
+
+def _predict(parser: ArgumentParser, args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.workers is not None and not 0 <= args.workers <= MAX_WORKERS:
         parser.error(f"--workers must be in 0..{MAX_WORKERS}")
     mode = args.mode or ("digit" if args.labelled else "number")
-
-    quiet_library_logs()
-    try:
-        if args.labelled:
-            scans = [labelled.scan_labelled_folder(p) for p in args.paths]
-            items = [(path, None, label) for scan in scans for path, label in zip(scan.paths, scan.labels.tolist())]
-            items += [(path, f"skipped: {why}", None) for scan in scans for path, why in scan.skipped]
-        else:
-            items = [(path, error, None) for path, error in find_images(args.paths)]
-    except HwrjaxError as e:
-        sys.stderr.write(f"hwrjax predict: error: {e}\n")
-        return 2
+    if args.labelled:
+        scans = [labelled.scan_labelled_folder(p) for p in args.paths]
+        items = [(path, None, label) for scan in scans for path, label in zip(scan.paths, scan.labels.tolist())]
+        items += [(path, f"skipped: {why}", None) for scan in scans for path, why in scan.skipped]
+    else:
+        items = [(path, error, None) for path, error in find_images(args.paths)]
     chunks = [items[start:start + args.batch_size] for start in range(0, len(items), args.batch_size)]
     batches = [[path for path, error, _ in chunk if error is None] for chunk in chunks]
     workers = default_workers(sum(map(len, batches))) if args.workers is None else args.workers
     # Started before the model loads, so that the workers' start-up overlaps it.
     with PreparePool(workers, mode) if workers else contextlib.nullcontext() as pool:
-        try:
-            with quiet_loading():
-                recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
-        except HwrjaxError as e:
-            sys.stderr.write(f"hwrjax predict: error: {e}\n")
-            return 2
+        recognizer = Recognizer.from_loaded(load_model(args.workdir, args.checkpoint),
+                                            min_confidence=args.min_confidence)
         if not recognizer.calibrated:
             sys.stderr.write(f"hwrjax predict: note: {args.workdir} has no fitted temperature for step "
                              f"{recognizer.step}; probabilities are uncalibrated (T=1) (fit one with `hwrjax "
@@ -183,7 +181,7 @@ def predict_main(argv: list[str]) -> int:
                     reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
                     rows.append(_row(path, reading, label if args.labelled else None))
         except PreparePoolError as e:
-            sys.stderr.write(f"hwrjax predict: error: {e}\n")
+            sys.stderr.write(error_line(e))
             return 1
     summary = summarize_rows(rows, args.min_confidence)
     if args.labelled:

@@ -9,20 +9,21 @@ import time
 
 from absl import logging
 
-from hwrjax.apps.recognize import Recognizer, quiet_loading
+from hwrjax.apps.recognize import Recognizer
 from hwrjax.apps.serve import Limits, bind_socket, create_app, is_loopback, uvicorn_config
+from hwrjax.cli.toolkit import ArgumentParser, run_command
 from hwrjax.core.errors import HwrjaxError
-from hwrjax.training.logs import quiet_library_logs
+from hwrjax.inference.loader import load_model
 
 
 def serve_main(argv: list[str]) -> int:
     """`hwrjax serve`: serves the model of a workdir over HTTP until interrupted."""
     d = Limits()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="hwrjax serve",
         description="Serve a trained model: a JSON API (POST /api/recognize) and a page to draw digits on (GET /).")
     parser.add_argument("--workdir", required=True, help="workdir of a training run")
-    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    parser.add_checkpoint()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -51,7 +52,10 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="answers whose calibrated probability is below this (0..1) are marked unsure "
                              "(default 0: never); a request's min_confidence query overrides it")
-    args = parser.parse_args(argv)
+    return run_command(parser, argv, lambda args: _serve(parser, args))
+
+
+def _serve(parser: ArgumentParser, args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not args.max_upload_mb > 0 or not math.isfinite(args.max_upload_mb):
@@ -71,16 +75,13 @@ def serve_main(argv: list[str]) -> int:
 
     import uvicorn
 
-    quiet_library_logs()
+    recognizer = Recognizer.from_loaded(load_model(args.workdir, args.checkpoint), min_confidence=args.min_confidence)
     try:
-        with quiet_loading():
-            recognizer = Recognizer.from_workdir(args.workdir, args.checkpoint, min_confidence=args.min_confidence)
         app = create_app(recognizer, limits, host=args.host, allow_hosts=args.allow_host,
                          allow_origins=args.allow_origin)
         sock = bind_socket(args.host, args.port)
-    except (HwrjaxError, ValueError) as e:
-        sys.stderr.write(f"hwrjax serve: error: {e}\n")
-        return 2
+    except ValueError as e:  # a bad --allow-* value, or a --host / --port that cannot be bound
+        raise HwrjaxError(str(e)) from None
     if not recognizer.calibrated:
         logging.warning("%s has no fitted temperature for step %s: probabilities are uncalibrated (T=1); fit one "
                         "with `hwrjax calibrate --workdir=%s`.", args.workdir, recognizer.step, args.workdir)

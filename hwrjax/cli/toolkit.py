@@ -1,16 +1,37 @@
-"""The toolkit every `hwrjax` command is built with: a parser whose usage errors are one line,
-the checkpoint choice (best, latest or a step), writable-folder checks made before any work, and a
-runner that turns a HwrjaxError into one line on stderr and quiets library chatter meanwhile."""
+"""The toolkit every `hwrjax` command is built with: a parser whose usage errors are one line, the
+checkpoint choice (best, latest or a step), the workdir and writable-folder checks made before any
+work, and a runner that turns a HwrjaxError into one line on stderr and an exit code, with library
+chatter quieted meanwhile."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from hwrjax.core.errors import HwrjaxError
 from hwrjax.training import storage
+from hwrjax.training.checkpoint import check_run_workdir, parse_choice
+from hwrjax.training.logs import library_logs_quieted
+
+__all__ = ["EXIT_ERROR", "ArgumentParser", "check_run_workdir", "check_writable", "error_line", "parse_checkpoint",
+           "run_command", "writable_at"]
+
+EXIT_ERROR = 2  # a one-line error: bad options, an unusable workdir or output, damaged files
+
+
+def error_line(message: object) -> str:
+    """The one line (newline included) a command writes to stderr for an error meant for people."""
+    return f"hwrjax: error: {message}\n"
+
+
+def parse_checkpoint(value: str) -> str | int:
+    """An argparse type: best, latest or a step number."""
+    try:
+        return parse_choice(value)
+    except HwrjaxError:
+        raise argparse.ArgumentTypeError(f"expected best, latest or a step number, got {value!r}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -19,40 +40,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise HwrjaxError(f"{self.prog}: {message} (see {self.prog} --help)")
 
-
-def parse_checkpoint(value: str) -> str | int:
-    """An argparse type: best, latest or a step number."""
-    if value in ("best", "latest"):
-        return value
-    if value.isdigit():
-        return int(value)
-    raise argparse.ArgumentTypeError(f"expected best, latest or a step number, got {value!r}")
+    def add_checkpoint(self, default: str | int = "best", help: str = "best (default), latest or a step number"):
+        """Adds --checkpoint: which checkpoint of the run to load."""
+        return self.add_argument("--checkpoint", type=parse_checkpoint, default=default, help=help)
 
 
-class DropLibraryChatter:
-    """Drops INFO and WARNING records of orbax and tfds (e.g. that checkpoints open read-only)."""
-
-    _NOISY = ("/orbax/", "/tensorflow_datasets/", "/etils/")
-
-    def filter(self, record) -> bool:
-        import logging as std_logging
-
-        return record.levelno > std_logging.WARNING or not any(p in record.pathname for p in self._NOISY)
-
-
-def run_command(body: Callable[[], int]) -> int:
-    """Runs a command body; a HwrjaxError becomes one line on stderr and exit code 2."""
-    import logging as std_logging
-
-    absl_logger, filt = std_logging.getLogger("absl"), DropLibraryChatter()
-    absl_logger.addFilter(filt)
-    try:
-        return body()
-    except HwrjaxError as e:
-        sys.stderr.write(f"hwrjax: error: {e}\n")
-        return 2
-    finally:
-        absl_logger.removeFilter(filt)
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str],
+                body: Callable[[argparse.Namespace], int | None]) -> int:
+    """Parses `argv` and runs `body(args)` with library chatter quieted; returns its exit code (0 for
+    None, 0 after --help). A HwrjaxError (a usage error included) becomes one line on stderr and EXIT_ERROR."""
+    with library_logs_quieted():
+        try:
+            try:
+                args = parser.parse_args(list(argv))
+            except SystemExit as e:  # --help
+                return int(e.code or 0)
+            return int(body(args) or 0)
+        except HwrjaxError as e:
+            sys.stderr.write(error_line(e))
+            return EXIT_ERROR
 
 
 def writable_at(directory: str) -> str | None:

@@ -8,16 +8,16 @@ from typing import Any
 
 from absl import logging
 
+from hwrjax.cli.toolkit import EXIT_ERROR, error_line
 from hwrjax.core.errors import Diverged, HwrjaxError, Preempted
 from hwrjax.training.cache import enable_compilation_cache
 from hwrjax.training.distributed import initialize_distributed
 from hwrjax.training.logs import quiet_library_logs
 
 
-# Exit statuses of launch.py (also in its --help and the README).
-# Exit statuses of launch.py (also in its --help and the README).
+# Exit statuses of launch.py (also in its --help and the README); EXIT_ERROR (the toolkit's): a one-line
+# error: bad config or flags, busy or unusable workdir, damaged files, full disk.
 EXIT_OK = 0  # trained and reported, or stopped by SIGTERM / Ctrl-C after saving (rerun to resume)
-EXIT_ERROR = 2  # a one-line error: bad config or flags, busy or unusable workdir, damaged files, full disk
 EXIT_DIVERGED = 3  # the loss or gradient norm stopped being finite; the last finite checkpoint is the newest
 
 
@@ -40,15 +40,15 @@ def run_training(config: Any, workdir: str, allow_config_change: bool = False,
         sys.stderr.write(f"hwrjax: {e}\n")
         return EXIT_OK
     except Diverged as e:
-        sys.stderr.write(f"hwrjax: error: {e}\n")
+        sys.stderr.write(error_line(e))
         return EXIT_DIVERGED
     except HwrjaxError as e:
-        sys.stderr.write(f"hwrjax: error: {e}\n")
+        sys.stderr.write(error_line(e))
         return EXIT_ERROR
     except OSError as e:  # a file of the run cannot be written (full disk, lost mount, read-only files)
         where = f" ({e.filename})" if e.filename else ""
-        sys.stderr.write(f"hwrjax: error: {e.strerror or e}{where}; fix the storage of {workdir} and rerun "
-                         "the same command to resume from its last checkpoint\n")
+        sys.stderr.write(error_line(f"{e.strerror or e}{where}; fix the storage of {workdir} and rerun "
+                                    "the same command to resume from its last checkpoint"))
         return EXIT_ERROR
     if jax.process_index() == 0:
         sys.stdout.write(f"test accuracy {test['accuracy']:.4%} (loss {test['loss']:.4f}, "

@@ -30,7 +30,6 @@ import numpy as np
 from hwrjax.core import losses
 from hwrjax.core.errors import CheckpointError, HwrjaxError
 from hwrjax.training import storage
-from hwrjax.training.logs import write_json_atomic
 
 CALIBRATION_FILE = "calibration.json"
 # The search range of T: wide enough for any trained classifier seen here (label smoothing
@@ -152,5 +151,5 @@ def save_calibration(workdir: str, step: int, record: Mapping[str, Any]) -> str:
     table = read_calibration(workdir)
     table[int(step)] = dict(record)
     path = calibration_path(workdir)
-    write_json_atomic(path, {"checkpoints": {str(s): table[s] for s in sorted(table)}})
+    storage.write_json_atomic(path, {"checkpoints": {str(s): table[s] for s in sorted(table)}})
     return path

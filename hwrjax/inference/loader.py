@@ -1,9 +1,12 @@
-"""Loading a trained model for inference: `load_model(workdir, which)` -> a `LoadedModel`.
+"""The one way to load a trained model: `load_model(workdir, which)` -> a `LoadedModel`.
 
-A `LoadedModel` holds the Linen module's `apply`, its variables on the host, the class count
-read from the checkpoint (every shape checked against config.json), the loss it was trained
-with (which says how its logits are read as probabilities) and its fitted temperature.
-`as_loaded_model` also takes a TrainState (its moving average when it keeps one).
+A `LoadedModel` holds the Linen module built for inference (config.json's model and dtype), its
+`apply`, its variables on the host (the moving average of the weights when the run kept one), the
+class count read from the checkpoint (every shape checked against config.json), the loss it was
+trained with (which says how its logits are read as probabilities) and its stored temperature.
+Every command and application loads through it (evaluate, calibrate, predict and the Recognizer,
+serve, export, finetune). `as_loaded_model` also takes a TrainState (its moving average when it
+keeps one).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class LoadedModel:
     apply_fn: Callable[..., Any]
     variables: dict
     num_classes: int
+    module: Any = None  # the Linen module whose `apply` is apply_fn (None when made from a TrainState)
     workdir: str | None = None
     config: Any = None
     step: int | None = None
@@ -103,44 +107,21 @@ def _inference_variables(params: Any, batch_stats: Any) -> dict:
     return variables
 
 
-def build_model(model_config: Any, dtype: str, params: Any) -> Any:
-    """The model of `model_config` with the class count of saved `params`; checks every shape."""
-    x = jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32)
-
-    def shapes(n: int) -> tuple[Any, list]:
-        model = models_lib.create_model(model_config, num_classes=n, dtype=dtype)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-        return model, jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
-
-    # The leaf whose shape changes with num_classes tells the saved class count.
-    (_, ten), (_, eleven) = shapes(10), shapes(11)
-    num_classes = None
-    for (path, a), (_, b) in zip(ten, eleven):
-        if a.shape != b.shape:
-            axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
-            leaf = params
-            for key in path:
-                leaf = leaf[key.key]
-            num_classes = int(np.shape(leaf)[axis])
-            break
-    if num_classes is None:
-        raise CheckpointError("cannot tell the number of classes of this model from its parameters")
-    model, want = shapes(num_classes)
-    got = jax.tree_util.tree_flatten_with_path(params)[0]
-    if [(jax.tree_util.keystr(p), tuple(a.shape)) for p, a in want] != \
-            [(jax.tree_util.keystr(p), tuple(np.shape(a))) for p, a in got]:
-        raise KeyError("parameter names or shapes differ")
-    return model
-
-
 def load_model(workdir: str, which: str | int = "best") -> LoadedModel:
-    """Loads the best, latest or a given step's checkpoint of `workdir` for inference."""
+    """Loads the best, latest or a given step's checkpoint of `workdir` for inference (`which`: "best",
+    "latest", a step number or its digits); every problem is one CheckpointError line."""
+    which = checkpoint_lib.parse_choice(which)
     config = checkpoint_lib.load_config(workdir)
     variables, step = checkpoint_lib.load_variables(workdir, which)
-    num_classes = _num_classes_of(workdir, config, variables)
-    module = _shared_module(models_lib.create_model(config.model, num_classes, dtype=config.dtype))
+    config.dtype = config.get("dtype", "float32")  # configs older than the dtype field trained in float32
+    try:
+        num_classes = _num_classes_of(workdir, config, variables)
+        module = _shared_module(models_lib.create_model(config.model, num_classes, dtype=config.dtype))
+    except (KeyError, AttributeError, TypeError, IndexError) as e:  # a config.json edited by hand
+        raise CheckpointError(f"the checkpoint in {workdir} does not match its config.json ({e}); "
+                              "pass the workdir the checkpoint was trained in") from None
     temperature, record = calibration_lib.load_temperature(workdir, int(step))
-    return LoadedModel(apply_fn=module.apply,
+    return LoadedModel(apply_fn=module.apply, module=module,
                        variables=_inference_variables(variables["params"], variables.get("batch_stats")),
                        num_classes=num_classes, workdir=workdir, config=config, step=int(step),
                        temperature=temperature, calibration=record, loss=str(config.loss.name))

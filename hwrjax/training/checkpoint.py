@@ -303,10 +303,34 @@ class Checkpointer:
                                     (str(e).splitlines() or [type(e).__name__])[0][:200])
 
 
+CHOICES = ("best", "latest")
+
+
+def parse_choice(value: str | int) -> str | int:
+    """A checkpoint choice as `load_variables` takes it: "best", "latest" or a step number (an int, or
+    a string of digits); anything else raises CheckpointError."""
+    if value in CHOICES:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise CheckpointError(f"checkpoint must be 'best', 'latest' or a step number, got {value!r}")
+
+
+def check_run_workdir(workdir: str) -> str:
+    """Returns `workdir`; raises CheckpointError unless it is an existing directory (checked before any work)."""
+    if not storage.is_dir(workdir):
+        why = "" if storage.exists(workdir) else " (it does not exist)"
+        raise CheckpointError(f"{workdir} is not a directory{why}; pass the --workdir of a training run")
+    return workdir
+
+
 def load_config(workdir: str):
     """Reads the ConfigDict saved in `workdir/config.json`; a missing or damaged one is one CheckpointError line."""
     import ml_collections
 
+    check_run_workdir(workdir)
     path = storage.join(workdir, "config.json")
     if not storage.exists(path):
         raise CheckpointError(f"{workdir} holds no config.json; pass the workdir of a training run")
@@ -346,6 +370,7 @@ def load_variables(workdir: str, which: str | int = "best", average: bool = True
     damaged checkpoint raises CheckpointError. A best or latest checkpoint that a running
     training replaces while it is read is read again at its new step. Returns (variables, step).
     """
+    which = parse_choice(which)
     workdir = absolute_path(workdir)
     if which == "best":
         subdir = BEST_DIR

@@ -20,13 +20,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from absl import logging
 
 from hwrjax.core.errors import ConfigError, DataError
+from hwrjax.training.storage import atomic_file
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -193,18 +193,10 @@ def _read_disk_cache(path: str) -> Split | None:
 
 
 def _write_disk_cache(path: str, split: Split) -> None:
-    """Writes atomically (temporary file + rename), so readers never see half a file."""
+    """Writes atomically, so readers never see half a file."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, images=split.images, labels=split.labels)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path) as f:
+            np.savez(f, images=split.images, labels=split.labels)
     except OSError as e:
         logging.warning("Dataset cache not written to %s (%s); the next run decodes the split again.", path, e)
 

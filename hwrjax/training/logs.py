@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 
@@ -29,12 +31,6 @@ def summary_writer_class() -> type:
     finally:
         del sys.modules["torch"]
     return SummaryWriter
-
-
-def write_json_atomic(path: str, obj: Any) -> str:
-    """Writes `obj` as JSON to `path` (local or a URL) so a reader never sees half a file; creates the
-    folder; returns the path (see hwrjax.training.storage.write_atomic)."""
-    return storage.write_json_atomic(path, obj)
 
 
 def keep_rows_until(path: str, step: int) -> None:
@@ -126,7 +122,7 @@ class MetricLogger:
         """Writes `report` as JSON to WORKDIR/report/NAME atomically and returns the path."""
         path = storage.join(self.workdir, "report", name)
         if self.enabled:
-            write_json_atomic(path, report)
+            storage.write_json_atomic(path, report)
         return path
 
     def close(self) -> None:
@@ -138,20 +134,26 @@ class MetricLogger:
             self._tb = None
 
 
-class _DropChattyInfo:
-    """Drops INFO-and-below records from libraries that log every checkpoint file operation, and
-    the tracebacks of their errors (each background thread of a failed save logs one; hwrjax
-    reports the failure itself in one line)."""
+class LibraryNoise:
+    """A log filter: drops the records of libraries that log every checkpoint and dataset file
+    operation (orbax, tfds, etils, JAX's backend probe) at or below `level`, and the tracebacks of
+    their errors (each background thread of a failed save logs one; hwrjax reports the failure
+    itself in one line).
+
+    Training keeps those libraries' warnings (`level` INFO); a command whose user only reads
+    what it prints drops them too (`level` WARNING, e.g. that checkpoints open read-only).
+    """
 
     _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge", "/etils/")
     # Where those background threads' failures surface too (futures calling back into closed loops).
     _THREADS = ("/concurrent/futures/", "/asyncio/")
 
-    def filter(self, record) -> bool:
-        import logging as std_logging
+    def __init__(self, level: int = std_logging.INFO):
+        self.level = level
 
+    def filter(self, record: std_logging.LogRecord) -> bool:
         noisy = any(part in record.pathname for part in self._NOISY)
-        if record.levelno > std_logging.INFO:
+        if record.levelno > self.level:
             if record.exc_info and (noisy or any(part in record.pathname for part in self._THREADS)):
                 record.exc_info, record.exc_text = None, None
             return True
@@ -186,15 +188,32 @@ def _quiet_unraisable_hook(previous: Any) -> Any:
     return hook
 
 
-def quiet_library_logs() -> None:
-    """Keeps the absl log about training: hides per-file INFO chatter of orbax and tfds, and the
-    tracebacks of Orbax's background threads (see `is_library_noise`)."""
-    import logging as std_logging
-
+def _quiet_unraisable() -> None:
     if not getattr(sys.unraisablehook, "quiet", False):
         sys.unraisablehook = _quiet_unraisable_hook(sys.unraisablehook)
 
-    filt = _DropChattyInfo()
+
+def quiet_library_logs(level: int = std_logging.INFO) -> None:
+    """From now on, keeps the log to what hwrjax says: drops the libraries' records at or below
+    `level` and their tracebacks (see `LibraryNoise`), and the tracebacks of Orbax's background
+    threads (see `is_library_noise`)."""
+    _quiet_unraisable()
+    filt = LibraryNoise(level)
     std_logging.getLogger("absl").addFilter(filt)
     for handler in std_logging.getLogger().handlers:
         handler.addFilter(filt)
+
+
+@contextlib.contextmanager
+def library_logs_quieted(level: int = std_logging.WARNING) -> Iterator[None]:
+    """`quiet_library_logs(level)` for the duration of a block (a command's run)."""
+    _quiet_unraisable()
+    filt = LibraryNoise(level)
+    loggers = [std_logging.getLogger("absl"), *std_logging.getLogger().handlers]
+    for logger in loggers:
+        logger.addFilter(filt)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(filt)

@@ -4,20 +4,24 @@ layer Orbax's checkpoints use, so --workdir may be a local folder or a URL of ob
 
 Object storage has no folders, no renames that replace atomically, no appends and no file locks:
 an object is written whole and replaces the old one whole (a reader sees the old object or the new
-one). So a file of a remote workdir is written in one piece (`write_atomic`), a growing log is kept
+one). So a file of a remote workdir is written in one piece (`atomic_file`, `write_atomic`: the one
+atomic writer of hwrjax, local files included), a growing log is kept
 in memory and written again whole at each flush (`LineLog`, `EventFile`: a run's rows, bounded by
 its length), and the run lock is local only (hwrjax.training.runlock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import uuid
-from typing import Any
+from typing import IO, Any, Iterator
 
 from etils import epath
+
+from hwrjax.core.errors import HwrjaxError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -68,29 +72,43 @@ def remove(path: str | os.PathLike) -> None:
     as_path(path).unlink()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> str:
-    """Writes `data` (text as UTF-8) to `path` so that a reader sees the old file or the new one, never half
-    of one, and a failed write leaves the old one; creates the folder; returns `path`.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file to write `path` through ("wb", or "w" for UTF-8 text): a reader sees the old file or the new
+    one, never half of one; when the block fails the old file stays and nothing is left behind. Creates
+    the folder.
 
-    Locally through a temporary sibling renamed over `path`; in object storage as one object, written
-    whole from memory (an upload is only committed when complete).
+    Locally a new temporary sibling, flushed to disk and renamed over `path` when the block ends; in
+    object storage a buffer in memory, uploaded as one object when the block ends (an upload is only
+    committed when complete). The file gets the permissions a plain `open` would give.
     """
-    data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     target = as_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_url(path):
-        target.write_bytes(data)
-        return os.fspath(path)
+        buffer = io.BytesIO() if mode == "wb" else io.StringIO()
+        yield buffer
+        data = buffer.getvalue()
+        target.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        return
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with open(tmp, "xb") as f:  # a new file of our own, never one a concurrent writer made
-            f.write(data)
+        # "x": a new file of our own (never one a concurrent writer made), with the umask's permissions.
+        with open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> str:
+    """Writes `data` (text as UTF-8) to `path` atomically (see `atomic_file`); returns `path`."""
+    with atomic_file(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else bytes(data))
     return os.fspath(path)
 
 
@@ -168,3 +186,25 @@ def register_tensorboard_scheme(logdir: str | os.PathLike) -> None:
         from tensorboardX import record_writer
 
         record_writer.register_writer_factory(logdir.split("://", 1)[0], _EventFiles())
+
+
+def check_new_output(output: str, flag: str, error: type[Exception] = HwrjaxError, folder_ok: bool = False) -> str:
+    """The absolute path of a local output about to be created (export's file, finetune's workdir), checked
+    before any work: nothing may be there yet (with `folder_ok`, an empty folder may), and its parent
+    folder is created and must be writable. Raises `error` with one line naming `flag` otherwise."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(output)))
+    if folder_ok and os.path.isdir(path):
+        if os.listdir(path):
+            raise error(f"{path} already exists and is not empty; pass a new {flag} (nothing is ever overwritten)")
+    elif folder_ok and os.path.lexists(path):
+        raise error(f"{path} exists and is not a folder; pass a new {flag}")
+    elif os.path.lexists(path):
+        raise error(f"{path} already exists; pass a new {flag} (an existing one is never overwritten)")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create {parent} ({e.strerror}); pass an {flag} you can write to") from e
+    if not os.access(parent, os.W_OK):
+        raise error(f"{parent} is not writable; pass an {flag} you can write to")
+    return path
