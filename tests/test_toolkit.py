@@ -29,28 +29,36 @@ def _commands(workdir: str, tmp) -> dict:
     }
 
 
-def _one_line(capsys, code: int) -> str:
+# predict and serve head their lines with their own name, as their other messages ("note:", "skipped").
+OWN_NAME = ("predict", "serve")
+
+
+def _one_line(capsys, code: int, prefix: str = "hwrjax") -> str:
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("hwrjax: error: "), captured.err
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"{prefix}: error: "), captured.err
     assert "Traceback" not in captured.err and "usage:" not in captured.err
     return lines[0]
+
+
+def _usage_prefix(name: str) -> str:
+    return f"hwrjax {name}: error: " if name in OWN_NAME else f"hwrjax: error: hwrjax {name}: "
 
 
 @pytest.mark.parametrize("name", ["evaluate", "calibrate", "predict", "export", "finetune", "serve"])
 def test_every_command_refuses_a_bad_checkpoint_in_one_line(name, tmp_path, capsys):
     main, argv = _commands(str(tmp_path), tmp_path)[name]
     for bad in ("newest", "-1", "1.5"):
-        line = _one_line(capsys, main([*argv, f"--checkpoint={bad}"]))
-        assert f"hwrjax {name}: argument --checkpoint: expected best, latest or a step number, got {bad!r}" in line
-        assert f"(see hwrjax {name} --help)" in line
+        line = _one_line(capsys, main([*argv, f"--checkpoint={bad}"]), _usage_prefix(name).split(": error")[0])
+        assert line == (f"{_usage_prefix(name)}argument --checkpoint: expected best, latest or a step number, "
+                        f"got {bad!r} (see hwrjax {name} --help)")
     assert not (tmp_path / "m").exists() and not (tmp_path / "tuned").exists()
 
 
 @pytest.mark.parametrize("name", ["evaluate", "calibrate", "predict", "export", "finetune", "serve"])
 def test_every_command_refuses_a_missing_workdir_in_one_line(name, tmp_path, capsys):
     main, argv = _commands(str(tmp_path / "nowhere"), tmp_path)[name]
-    line = _one_line(capsys, main(argv))
+    line = _one_line(capsys, main(argv), f"hwrjax {name}" if name in OWN_NAME else "hwrjax")
     assert "nowhere is not a directory (it does not exist); pass the --workdir of a training run" in line
 
 
@@ -59,15 +67,16 @@ def test_help_and_usage_errors(name, tmp_path, capsys):
     main, argv = _commands(str(tmp_path), tmp_path)[name]
     assert main(["--help"]) == 0
     assert f"usage: hwrjax {name}" in capsys.readouterr().out
-    line = _one_line(capsys, main([*argv, "--no-such-option"]))
-    assert "unrecognized arguments: --no-such-option" in line
+    line = _one_line(capsys, main([*argv, "--no-such-option"]), _usage_prefix(name).split(": error")[0])
+    assert line.startswith(_usage_prefix(name)) and "unrecognized arguments: --no-such-option" in line
 
 
 def test_option_errors_of_predict_and_serve_are_one_line(tmp_path, capsys):
-    line = _one_line(capsys, predict_cli.predict_main([str(tmp_path), f"--workdir={tmp_path}", "--batch-size=0"]))
-    assert "--batch-size must be at least 1" in line
-    line = _one_line(capsys, serve_cli.serve_main([f"--workdir={tmp_path}", "--port=70000"]))
-    assert "--port must be in 0..65535" in line
+    line = _one_line(capsys, predict_cli.predict_main([str(tmp_path), f"--workdir={tmp_path}", "--batch-size=0"]),
+                     "hwrjax predict")
+    assert line == "hwrjax predict: error: --batch-size must be at least 1 (see hwrjax predict --help)"
+    line = _one_line(capsys, serve_cli.serve_main([f"--workdir={tmp_path}", "--port=70000"]), "hwrjax serve")
+    assert line == "hwrjax serve: error: --port must be in 0..65535, got 70000 (see hwrjax serve --help)"
 
 
 def test_run_command_turns_errors_into_exit_codes(capsys):
@@ -79,6 +88,12 @@ def test_run_command_turns_errors_into_exit_codes(capsys):
 
     assert toolkit.run_command(parser, ["--checkpoint=12"], fails) == 2
     assert capsys.readouterr().err == "hwrjax: error: cannot use checkpoint 12; pick another\n"
+    assert toolkit.run_command(parser, ["--checkpoint=x"], fails) == 2
+    assert capsys.readouterr().err == ("hwrjax: error: hwrjax demo: argument --checkpoint: expected best, latest or "
+                                       "a step number, got 'x' (see hwrjax demo --help)\n")
+    assert toolkit.run_command(parser, ["--checkpoint=x"], fails, command="hwrjax demo") == 2
+    assert capsys.readouterr().err == ("hwrjax demo: error: argument --checkpoint: expected best, latest or "
+                                       "a step number, got 'x' (see hwrjax demo --help)\n")
     assert toolkit.run_command(parser, [], lambda args: None) == 0
     assert toolkit.run_command(parser, ["--checkpoint=latest"], lambda args: 3 if args.checkpoint == "latest" else 0) == 3
 

@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 def predict_main(argv: list[str]) -> int:
     """`hwrjax predict`: reads digits from image files; exit 0 if any image was read, 1 if none, 2 on usage errors."""
     parser = _parser()
-    return run_command(parser, argv, lambda args: _predict(parser, args))
+    return run_command(parser, argv, lambda args: _predict(parser, args), command=parser.prog)
 
 
 def _predict(parser: ArgumentParser, args: argparse.Namespace) -> int:
@@ -181,7 +181,7 @@ def _predict(parser: ArgumentParser, args: argparse.Namespace) -> int:
                     reading = Reading("", [], [], [], 0.0, error) if error else next(readings)
                     rows.append(_row(path, reading, label if args.labelled else None))
         except PreparePoolError as e:
-            sys.stderr.write(error_line(e))
+            sys.stderr.write(error_line(e, parser.prog))
             return 1
     summary = summarize_rows(rows, args.min_confidence)
     if args.labelled:

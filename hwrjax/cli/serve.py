@@ -52,7 +52,7 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.0,
                         help="answers whose calibrated probability is below this (0..1) are marked unsure "
                              "(default 0: never); a request's min_confidence query overrides it")
-    return run_command(parser, argv, lambda args: _serve(parser, args))
+    return run_command(parser, argv, lambda args: _serve(parser, args), command=parser.prog)
 
 
 def _serve(parser: ArgumentParser, args: argparse.Namespace) -> int:

@@ -15,15 +15,15 @@ from hwrjax.training import storage
 from hwrjax.training.checkpoint import check_run_workdir, parse_choice
 from hwrjax.training.logs import library_logs_quieted
 
-__all__ = ["EXIT_ERROR", "ArgumentParser", "check_run_workdir", "check_writable", "error_line", "parse_checkpoint",
-           "run_command", "writable_at"]
+__all__ = ["EXIT_ERROR", "ArgumentParser", "UsageError", "check_run_workdir", "check_writable", "error_line",
+           "parse_checkpoint", "run_command", "writable_at"]
 
 EXIT_ERROR = 2  # a one-line error: bad options, an unusable workdir or output, damaged files
 
 
-def error_line(message: object) -> str:
-    """The one line (newline included) a command writes to stderr for an error meant for people."""
-    return f"hwrjax: error: {message}\n"
+def error_line(message: object, command: str = "hwrjax") -> str:
+    """The one line (newline included) `command` writes to stderr for an error meant for people."""
+    return f"{command}: error: {message}\n"
 
 
 def parse_checkpoint(value: str) -> str | int:
@@ -34,11 +34,15 @@ def parse_checkpoint(value: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected best, latest or a step number, got {value!r}") from None
 
 
+class UsageError(HwrjaxError):
+    """A bad command line; the message names the option and points to --help."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """Reports usage errors as one HwrjaxError line instead of exiting."""
+    """Reports usage errors as one UsageError line instead of printing the usage and exiting."""
 
     def error(self, message: str):
-        raise HwrjaxError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
     def add_checkpoint(self, default: str | int = "best", help: str = "best (default), latest or a step number"):
         """Adds --checkpoint: which checkpoint of the run to load."""
@@ -46,9 +50,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str],
-                body: Callable[[argparse.Namespace], int | None]) -> int:
+                body: Callable[[argparse.Namespace], int | None], command: str = "hwrjax") -> int:
     """Parses `argv` and runs `body(args)` with library chatter quieted; returns its exit code (0 for
-    None, 0 after --help). A HwrjaxError (a usage error included) becomes one line on stderr and EXIT_ERROR."""
+    None, 0 after --help). A HwrjaxError (a usage error included) becomes one line on stderr, headed by
+    `command` (and the program's name for a usage error, unless `command` is it), and EXIT_ERROR."""
     with library_logs_quieted():
         try:
             try:
@@ -56,9 +61,11 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str],
             except SystemExit as e:  # --help
                 return int(e.code or 0)
             return int(body(args) or 0)
+        except UsageError as e:
+            sys.stderr.write(error_line(e if command == parser.prog else f"{parser.prog}: {e}", command))
         except HwrjaxError as e:
-            sys.stderr.write(error_line(e))
-            return EXIT_ERROR
+            sys.stderr.write(error_line(e, command))
+        return EXIT_ERROR
 
 
 def writable_at(directory: str) -> str | None:
