@@ -5,9 +5,9 @@ layer Orbax's checkpoints use, so --workdir may be a local folder or a URL of ob
 Object storage has no folders, no renames that replace atomically, no appends and no file locks:
 an object is written whole and replaces the old one whole (a reader sees the old object or the new
 one). So a file of a remote workdir is written in one piece (`atomic_file`, `write_atomic`: the one
-atomic writer of hwrjax, local files included), a growing log is kept
-in memory and written again whole at each flush (`LineLog`, `EventFile`: a run's rows, bounded by
-its length), and the run lock is local only (hwrjax.training.runlock).
+atomic writer of hwrjax, local files included), a growing log is kept in memory and written again
+whole at each flush (`LineLog`, `EventFile`: a run's rows, bounded by its length), and the run lock
+is local only (hwrjax.training.runlock).
 """
 
 from __future__ import annotations
