@@ -5,10 +5,13 @@ may import its own layer and the layers below; every import counts, including th
 """
 
 import ast
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -158,6 +161,70 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     bad = upward_imports(modules, edges)
     assert len(bad) == 1 and "(core) imports hwrjax.apps.report (apps)" in bad[0]
     assert cycles(edges) == [["hwrjax.apps.plots", "hwrjax.apps.report"]]
+
+
+def _public_names() -> set[str]:
+    """The names `hwrjax/__init__.py` lists in __all__."""
+    with open(os.path.join(PACKAGE, "__init__.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("hwrjax/__init__.py has no __all__")
+
+
+def _code_in(source: str) -> list[str]:
+    """`source` and the Python code held in its string constants (code run in subprocesses)."""
+    out = [source]
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.search(r"(from|import) hwrjax",
+                                                                                          node.value):
+            out += _code_in(textwrap.dedent(node.value)) or re.findall(r"(?:from|import) hwrjax[^;\n]*", node.value)
+    return out
+
+
+def missing_imports(source: str, where: str, modules: dict[str, str], public: set[str]) -> list[str]:
+    """'where:line module' for each import of an hwrjax (or tests.support) module that does not exist,
+    in `source` or in code its strings hold; `from hwrjax import X` must name a module or a public name."""
+    bad = []
+    for code in _code_in(source):
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "hwrjax"]
+                bad += [f"{where}:{node.lineno} {n}" for n in names if n not in modules]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                    node.module.split(".")[0] == "hwrjax":
+                if node.module not in modules:
+                    bad.append(f"{where}:{node.lineno} {node.module}")
+                elif node.module == "hwrjax":
+                    bad += [f"{where}:{node.lineno} hwrjax.{a.name}" for a in node.names
+                            if f"hwrjax.{a.name}" not in modules and a.name not in public]
+    return bad
+
+
+def test_every_hwrjax_module_imported_anywhere_exists():
+    """Moved modules leave no import of their old path behind, in tests, benchmarks and subprocess code
+    too (an editable install of an older checkout could otherwise still answer it)."""
+    modules, public = module_files(), _public_names()
+    files = [p for pattern in ("hwrjax/**/*.py", "tests/**/*.py", "benchmarks/*.py", "configs/*.py", "*.py")
+             for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
+             if os.path.abspath(p) != os.path.abspath(__file__)]  # this file's strings hold planted faults
+    assert len(files) > 60
+    bad = []
+    for path in files:
+        with open(path) as f:
+            bad += missing_imports(f.read(), os.path.relpath(path, ROOT), modules, public)
+    assert bad == []
+    planted = 'def f():\n    from hwrjax.recognize import Recognizer\nCODE = "import sys; from hwrjax import train"\n'
+    assert missing_imports(planted, "x.py", modules, public) == ["x.py:2 hwrjax.recognize", "x.py:1 hwrjax.train"]
 
 
 def test_import_hwrjax_loads_no_tensorflow_orbax_configs_or_server():
