@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import stat
 import struct
@@ -100,6 +101,10 @@ _MAX_THICKEN = 4  # thickening radius cap, in px at the layout's working box (4x
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 
+_EIGHT = np.ones((3, 3), bool)  # 8-connectivity for ndimage.label
+_EIGHT.flags.writeable = False
+_SQRT2 = np.sqrt(2.0)  # an np.float64: the noise estimates stay np.float64, and what they touch float64
+
 
 class ImageError(HwrjaxError, ValueError):
     """The input cannot be turned into a digit image; the message says why and what to do."""
@@ -122,22 +127,24 @@ def load_image(source: ImageSource) -> np.ndarray:
     """
     fp, name = _open_source(source)
     try:
-        header = _read_header(fp)
-        if header is not None:
-            _check_size(header.size, name, header.format, header.mode)
-        fp.seek(0)
-        try:
-            im = Image.open(fp)
-        except UnidentifiedImageError:
-            raise ImageError(
-                f"{name} is not an image Pillow can read; save it as PNG, JPEG or BMP"
-            ) from None
-        except Image.DecompressionBombError:
-            # Only reachable when MAX_PIXELS was raised above Pillow's own guard.
-            raise ImageError(
-                f"{name} is larger than Pillow's pixel limit; downscale it first"
-            ) from None
-        _check_size(im.size, name, im.format, im.mode)
+        im = _read_header(fp)
+        if im is not None:
+            _check_size(im.size, name, im.format, im.mode)
+        if im is None or (Image.MAX_IMAGE_PIXELS and im.width * im.height > Image.MAX_IMAGE_PIXELS):
+            # No plugin took the header, or Pillow's own bomb guard has its say (only when MAX_PIXELS was
+            # raised above it): Image.open decides. Otherwise the parsed header is the opened image.
+            fp.seek(0)
+            try:
+                im = Image.open(fp)
+            except UnidentifiedImageError:
+                raise ImageError(
+                    f"{name} is not an image Pillow can read; save it as PNG, JPEG or BMP"
+                ) from None
+            except Image.DecompressionBombError:
+                raise ImageError(
+                    f"{name} is larger than Pillow's pixel limit; downscale it first"
+                ) from None
+            _check_size(im.size, name, im.format, im.mode)
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # The first frame of an animation or a multi-page scan.
         try:
@@ -151,7 +158,7 @@ def load_image(source: ImageSource) -> np.ndarray:
                 f"{name} is corrupt or truncated ({e}); re-export or re-download the file"
             ) from None
         try:
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when there is nothing to turn
         except Exception as e:  # A malformed EXIF block must not make the image unreadable.
             logging.warning("Ignoring unusable EXIF orientation in %s: %s", name, e)
         return _pil_to_grey(_reduce(im))
@@ -182,11 +189,13 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         name = f"image file {path!r}"
-        if not os.path.exists(path):
-            raise ImageError(f"cannot read {name}: no such file; check the path")
-        if os.path.isdir(path):
+        try:
+            mode = os.stat(path).st_mode  # one call answers all three questions below
+        except (OSError, ValueError):  # as os.path.exists: missing, unreachable, or a path the OS refuses
+            raise ImageError(f"cannot read {name}: no such file; check the path") from None
+        if stat.S_ISDIR(mode):
             raise ImageError(f"cannot read {name}: it is a directory; pass an image file")
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if not stat.S_ISREG(mode):
             # A FIFO, socket or device would block or never end; it is never opened.
             raise ImageError(f"cannot read {name}: not a regular file (a pipe or device); pass an image file")
         try:
@@ -212,7 +221,7 @@ def _open_source(source: ImageSource) -> tuple[BinaryIO, str]:
 
 
 def _read_header(fp: BinaryIO) -> Image.Image | None:
-    """Identifies the format and parses only the header (no pixel data, no bomb guard).
+    """Opens the image as `Image.open` would, parsing only its header (no pixel data, no bomb guard).
 
     Returns None when no registered Pillow format accepts the data, in which case
     `Image.open` gets the final say. This mirrors how `Image.open` picks a plugin,
@@ -275,7 +284,9 @@ def _pil_to_grey(im: Image.Image) -> np.ndarray:
     if has_alpha:
         rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
         return _composite(_luma(rgba[..., :3]), rgba[..., 3])
-    return np.asarray(im.convert("L")).astype(np.float32) / 255.0
+    grey = np.asarray(im if mode == "L" else im.convert("L"), dtype=np.float32)  # a new array
+    grey /= 255.0
+    return grey
 
 
 def _finite_unit(a: np.ndarray, full_scale: float) -> np.ndarray:
@@ -363,7 +374,8 @@ class _Ink:
 def _resize(a: np.ndarray, shape: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     """Resizes a float array to shape (rows, cols) with Pillow."""
     h, w = shape
-    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+    # frombytes of native float32 ("F"): the image fromarray makes, at a third of its per-call cost.
+    im = Image.frombytes("F", (a.shape[1], a.shape[0]), a.astype(np.float32, copy=False).tobytes())
     return np.asarray(im.resize((w, h), resample), dtype=np.float32)
 
 
@@ -388,6 +400,11 @@ def _to_working_size(grey: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.clip(_resize(grey, up, Image.Resampling.LANCZOS), 0.0, 1.0), True
 
 
+def _share(mask: np.ndarray) -> float:
+    """np.mean(mask) of a bool array: the share of True (the same float, without np.mean's per-call cost)."""
+    return np.count_nonzero(mask) / mask.size
+
+
 def _ring(a: np.ndarray, width: int) -> np.ndarray:
     """The pixels of a border ring `width` wide, as one 1-D array."""
     return np.concatenate([a[:width].ravel(), a[-width:].ravel(), a[:, :width].ravel(), a[:, -width:].ravel()])
@@ -401,14 +418,14 @@ def _ring(a: np.ndarray, width: int) -> np.ndarray:
 def _percentile_sorted(s: np.ndarray, q: float | tuple[float, ...]):
     """np.percentile(a, q) from s = np.sort(a, axis=None) (non-empty): a scalar for a scalar q, else a list."""
     n = s.size
-    scalar = np.ndim(q) == 0
+    scalar = not isinstance(q, (tuple, list))
     out = []
     for p in (q,) if scalar else q:
         v = (n - 1) * (float(p) / 100.0)  # numpy's virtual index, in float64
         if v >= n - 1:
             out.append(s[-1] if scalar else np.float64(s[-1]))
             continue
-        i = int(np.floor(v))
+        i = int(v)  # v >= 0: its floor
         a, b = s[i], s[i + 1]
         d = b - a  # in the array's dtype
         # numpy's _lerp; a scalar q's weight is a Python float (weak: it becomes the array's dtype),
@@ -530,7 +547,7 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     darker, lighter = paper - float(lo), float(hi) - paper
     light = lighter > darker
     middle = paper + 0.5 * (lighter if light else -darker)
-    inky_ring = float(np.mean(ring > middle if light else ring < middle))
+    inky_ring = _share(ring > middle if light else ring < middle)
     if inky_ring > _MIXED_RING and hi - lo > _MIN_CONTRAST:
         bright = smooth > 0.5 * (float(lo) + float(hi))
         # A digit's ink is one or two strokes; the paper is cut into pieces by them (the
@@ -538,13 +555,13 @@ def _ink_is_light(grey: np.ndarray) -> bool:
         pieces = [_count_regions(bright), _count_regions(~bright)]
         if pieces[0] != pieces[1]:
             return pieces[0] < pieces[1]
-        return float(np.mean(bright)) < 0.5
+        return _share(bright) < 0.5
     return light
 
 
 def _count_regions(mask: np.ndarray) -> int:
     """Connected regions (8-connected) of a mask covering at least 1% of the image each."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    labels, count = ndimage.label(mask, structure=_EIGHT)
     if count == 0:
         return 0
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
@@ -557,30 +574,32 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     if hi - lo < 1e-12:
         return hi
     width = (hi - lo) / bins
-    idx = np.minimum(((values - lo) / width).astype(np.int64), bins - 1)
+    idx = ((values - lo) / width).astype(np.int64)
+    np.minimum(idx, bins - 1, out=idx)
     hist = np.bincount(idx, minlength=bins)  # np.histogram's result, several times faster
     centres = lo + (np.arange(bins) + 0.5) * width
-    p = hist.astype(np.float64) / hist.sum()
-    w0 = np.cumsum(p)
-    m0 = np.cumsum(p * centres)
+    p = hist / hist.sum()
+    w0 = p.cumsum()
+    m0 = (p * centres).cumsum()
     mt = m0[-1]
-    w1 = 1.0 - w0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mt * w0 - m0) ** 2 / (w0 * w1)
-    between = between[:-1]
-    between[np.isnan(between)] = -1.0  # np.nan_to_num(between, nan=-1.0), without its per-call cost
-    between[np.isposinf(between)] = np.finfo(between.dtype).max
-    return lo + (int(np.argmax(between)) + 1) * width
+    # A split after bin k for k below the last: the minimum lies in the first bin and the maximum in the
+    # last, so both classes hold samples (0 < w0 < 1) and no quotient is 0/0 or infinite.
+    w0, m0 = w0[:-1], m0[:-1]
+    between = (mt * w0 - m0) ** 2 / (w0 * (1.0 - w0))
+    return lo + (int(between.argmax()) + 1) * width
 
 
 def _neighbour_correlation(a: np.ndarray) -> float:
     """Correlation of horizontally and vertically adjacent pixels (1 for a flat image)."""
-    d = a.astype(np.float64) - float(a.mean())
-    var = float(np.mean(d * d))
+    # np.mean's results, bit for bit, without its per-call cost: the sum in the array's dtype over the
+    # count, rounded back to that dtype.
+    d = a.astype(np.float64) - float(a.dtype.type(float(a.sum()) / a.size))
+    var = float((d * d).sum()) / d.size
     if var < 1e-12 or min(a.shape) < 2:
         return 1.0
     # The larger of the two: a thin vertical "1" is unrelated across its 3 px, not along them.
-    return float(max(np.mean(d[1:] * d[:-1]), np.mean(d[:, 1:] * d[:, :-1])) / var)
+    across, along = d[1:] * d[:-1], d[:, 1:] * d[:, :-1]
+    return max(float(across.sum()) / across.size, float(along.sum()) / along.size) / var
 
 
 def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
@@ -599,7 +618,7 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     noise = _noise(ink_pos, 0.0)
     if hi - lo < max(_MIN_CONTRAST, 8.0 * noise):
         return ink_pos
-    if float(np.mean(_ring(local, 1) > 0.5 * (float(lo) + float(hi)))) <= 0.01:
+    if _share(_ring(local, 1) > 0.5 * (float(lo) + float(hi))) <= 0.01:
         return ink_pos
     ordered = np.sort(ink_pos, axis=None)
     middle = 0.5 * (float(_percentile_sorted(ordered, 5)) + float(_percentile_sorted(ordered, 99.5)))
@@ -612,24 +631,21 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     return out
 
 
-def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int, str]]:
+def _line_bands(mask: np.ndarray, axis: int, box: tuple[int, int, int, int]) -> list[tuple[int, int, str]]:
     """Thin bands of rows (axis 0) or columns (axis 1) that a straight line crosses end to end.
 
     A band's rows are covered over at least _LINE_COVER of the ink's extent along them
     (runs up to 3 rows apart are one band), it is at most _LINE_THIN of the extent across
     them thick, and it is the outermost ink on its side: where a printed box's lines are,
-    not a digit's bar through its middle or the dense core of a slanted stroke. Each band is (start, stop, side), side "low" or "high".
+    not a digit's bar through its middle or the dense core of a slanted stroke. Each band is (start, stop, side),
+    side "low" or "high". `box` is `_bbox(mask)` (never None).
     """
-    m = mask if axis == 0 else mask.T
-    box = _bbox(m)
-    if box is None:
-        return []
-    r0, r1, c0, c1 = box
+    m, (r0, r1, c0, c1) = (mask, box) if axis == 0 else (mask.T, (box[2], box[3], box[0], box[1]))
     along, across = c1 - c0, r1 - r0
     if along < 8 or across < 8:
         return []
-    cover = m[r0:r1, c0:c1].sum(axis=1) / along
-    rows = np.flatnonzero(cover >= _LINE_COVER)
+    cover = np.count_nonzero(m[r0:r1, c0:c1], axis=1) / along
+    rows = (cover >= _LINE_COVER).nonzero()[0]
     bands = []
     for run in np.split(rows, np.flatnonzero(np.diff(rows) > 3) + 1) if rows.size else []:
         lo, hi = int(run[0]), int(run[-1]) + 1  # relative to r0
@@ -645,27 +661,29 @@ def _line_bands(mask: np.ndarray, axis: int) -> list[tuple[int, int, str]]:
     return bands
 
 
-def _form_lines(mask: np.ndarray) -> np.ndarray:
-    """Pixels of printed form lines (a box around the digit, or a line under it) to drop.
+def _form_lines(mask: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray | None:
+    """Pixels of printed form lines (a box around the digit, or a line under it) to drop, or None.
 
     Lines at two or more edges (a box, a corner, lines above and below) are removed; a
     line at one edge only when no stroke touches it (an underline below the digit),
     because a tight crop of a "7" or a "2" has one bar running from edge to edge that is
-    part of the digit.
+    part of the digit. `box` is `_bbox(mask)`; None stands for no line pixel at all.
     """
-    lines = np.zeros_like(mask)
+    bands = [(axis, band) for axis in (0, 1) for band in _line_bands(mask, axis, box)]
+    if not bands:
+        return None
+    lines = np.zeros(mask.shape, bool)
     edges = set()
-    for axis in (0, 1):
-        for lo, hi, side in _line_bands(mask, axis):
-            edges.add((axis, side))
-            if axis == 0:
-                lines[max(0, lo - 1) : hi + 1] |= mask[max(0, lo - 1) : hi + 1]
-            else:
-                lines[:, max(0, lo - 1) : hi + 1] |= mask[:, max(0, lo - 1) : hi + 1]
+    for axis, (lo, hi, side) in bands:
+        edges.add((axis, side))
+        if axis == 0:
+            lines[max(0, lo - 1) : hi + 1] |= mask[max(0, lo - 1) : hi + 1]
+        else:
+            lines[:, max(0, lo - 1) : hi + 1] |= mask[:, max(0, lo - 1) : hi + 1]
     if len(edges) == 1:
         grown = _dilate3(lines, 2)
         if (grown & mask & ~lines).any():
-            return np.zeros_like(mask)
+            return None
     return lines
 
 
@@ -675,12 +693,11 @@ def _noise(a: np.ndarray, sigma: float) -> float:
     Their median absolute value ignores edges between ink and paper as long as most pixel
     pairs lie inside one of them, so it does not depend on how much of the image is ink.
     """
-    k = int(np.ceil(2.0 * sigma)) + 1
-    diffs = [(a[k:] - a[:-k]).ravel(), (a[:, k:] - a[:, :-k]).ravel()]
-    diffs = np.abs(np.concatenate(diffs))
+    k = math.ceil(2.0 * sigma) + 1
+    diffs = np.concatenate([(a[k:] - a[:-k]).ravel(), (a[:, k:] - a[:, :-k]).ravel()])
     if diffs.size == 0:
         return 0.0
-    return 1.4826 * float(_median(diffs)) / np.sqrt(2.0)
+    return 1.4826 * float(_median(np.abs(diffs, out=diffs))) / _SQRT2
 
 
 def _paper_level_and_noise(strength: np.ndarray, ordered: np.ndarray, t: float, sigma: float) -> tuple[float, float]:
@@ -733,12 +750,14 @@ def _segment(grey: np.ndarray) -> _Ink:
             f"{noise:.3f}; photograph darker, thicker strokes under even light"
         )
 
-    lines = _form_lines(mask)
-    if lines.any():
+    box = _bbox(mask)  # never None: the contrast above needs ink
+    lines = _form_lines(mask, box)
+    if lines is not None:
         mask &= ~lines
         if not mask.any():
             raise NoInkError("only the lines of a form were found, no digit; crop the image to the digit")
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        box = None  # the mask changed
+    labels, count = ndimage.label(mask, structure=_EIGHT)
     if count > _MAX_COMPONENTS:
         raise NoInkError(
             f"no digit found: {count} separate marks, like noise or texture; "
@@ -752,8 +771,9 @@ def _segment(grey: np.ndarray) -> _Ink:
     keep[0] = False
     if not keep[1:].all():  # else the mask and its labels stay as they are
         mask = keep[labels]
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    r0, r1, c0, c1 = _bbox(mask)
+        labels, count = ndimage.label(mask, structure=_EIGHT)
+        box = None
+    r0, r1, c0, c1 = box or _bbox(mask)
     if max(r1 - r0, c1 - c0) < max(_MIN_INK_PX, _MIN_INK_FRACTION * short):
         raise NoInkError(
             f"the only ink found is a {r1 - r0}x{c1 - c0} px dot in a {h}x{w} image "
@@ -771,11 +791,12 @@ def _segment(grey: np.ndarray) -> _Ink:
     cut = _CLEAN_FLOOR if upsampled and noise <= _CLEAN_NOISE * (level - med) else _SOFT_FLOOR
     floor = max(med + 2.0 * noise, med + cut * (level - med))
     gate = _dilate3(mask, reach)
-    if lines.any():
+    if lines is not None:
         gate &= ~_dilate3(lines, reach)
     soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
-    soft = np.where(gate, soft, 0.0).astype(np.float32)
-    return _Ink(soft=soft, mask=mask, labels=labels.astype(np.int32), count=int(count))
+    soft[~gate] = 0.0
+    return _Ink(soft=soft.astype(np.float32, copy=False), mask=mask, labels=labels.astype(np.int32, copy=False),
+                count=int(count))
 
 
 # --------------------------------------------------------------------------- MNIST layout
@@ -783,11 +804,12 @@ def _segment(grey: np.ndarray) -> _Ink:
 
 def _bbox(a: np.ndarray) -> tuple[int, int, int, int] | None:
     """(row0, row1, col0, col1), end-exclusive, of the nonzero/True region, or None."""
-    rows = np.flatnonzero(a.any(axis=1))
-    cols = np.flatnonzero(a.any(axis=0))
-    if rows.size == 0:
+    rows = a.any(axis=1)
+    r0 = int(rows.argmax())  # the first True (argmax of flags, without flatnonzero's per-call cost)
+    if not rows[r0]:
         return None
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    cols = a.any(axis=0)
+    return r0, rows.size - int(rows[::-1].argmax()), int(cols.argmax()), cols.size - int(cols[::-1].argmax())
 
 
 def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
@@ -800,7 +822,7 @@ def _centre_of_mass(a: np.ndarray) -> tuple[float, float]:
 
 def _stroke_width(mask: np.ndarray) -> float:
     """Rough stroke width in px: area / half the boundary length."""
-    area = int(mask.sum())
+    area = np.count_nonzero(mask)
     if area == 0:
         return 0.0
     boundary = area - int(np.count_nonzero(_erode3(mask)))
