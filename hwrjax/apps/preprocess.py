@@ -346,7 +346,7 @@ def _as_grey(image: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint16:
         return a.astype(np.float32) / 65535.0
     a = a.astype(np.float32)
-    if not np.all(np.isfinite(a)):
+    if not np.isfinite(a).all():
         raise ImageError("image contains NaN or infinite values; clean the array first")
     lo, hi = float(a.min()), float(a.max())
     if lo < 0 or hi > 1:
@@ -438,18 +438,20 @@ def _percentile_sorted(s: np.ndarray, q: float | tuple[float, ...]):
 def _median_sorted(s: np.ndarray):
     """np.median of a non-empty sorted 1-D array."""
     h = s.size // 2
-    if s.size % 2:
-        return s[h]
-    return s.dtype.type((s[h - 1] + s[h]) / 2) if s.dtype.kind == "f" else (s[h - 1] + s[h]) / 2
+    return s[h] if s.size % 2 else _midpoint(s[h - 1], s[h])
+
+
+def _midpoint(lo: np.generic, hi: np.generic):
+    """np.median's mean of the two middle values (numpy scalars of one dtype), in that dtype for floats."""
+    return lo.dtype.type((lo + hi) / 2) if lo.dtype.kind == "f" else (lo + hi) / 2
 
 
 def _median(a: np.ndarray):
     """np.median(a) of a non-empty array, by a partial sort."""
     a = a.ravel()
     h = a.size // 2
-    if a.size % 2:
-        return np.partition(a, h)[h]
-    return _median_sorted(np.partition(a, (h - 1, h))[h - 1 : h + 1])
+    part = np.partition(a, h)  # one rank: the one below it is the largest of those partition put before it
+    return part[h] if a.size % 2 else _midpoint(part[:h].max(), part[h])
 
 
 # Separable filters called pass by pass: the same 1-D passes, in the same order, as ndimage's
@@ -464,13 +466,16 @@ def _gaussian_weights(sigma: float) -> np.ndarray:
     radius = int(4.0 * sigma + 0.5)
     x = np.arange(-radius, radius + 1)
     phi = np.exp(-0.5 / (sigma * sigma) * x**2)
-    return (phi / phi.sum())[::-1]
+    w = np.ascontiguousarray((phi / phi.sum())[::-1])  # contiguous: correlate1d would copy a reversed view
+    w.flags.writeable = False  # shared by every call
+    return w
 
 
 def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
     """ndimage.gaussian_filter(a, sigma) (mode "reflect") of a 2-D float array."""
     w = _gaussian_weights(float(sigma))
-    out = ndimage.correlate1d(a, w, axis=0, mode="reflect")
+    # An output array given: ndimage makes none itself, which costs more than the pass on a small image.
+    out = ndimage.correlate1d(a, w, axis=0, output=np.empty_like(a), mode="reflect")
     return ndimage.correlate1d(out, w, axis=1, output=out, mode="reflect")
 
 
@@ -478,7 +483,7 @@ def _box(a: np.ndarray, size: int, mode: str) -> np.ndarray:
     """ndimage.uniform_filter(a, size, mode=mode) of a 2-D float array."""
     if size <= 1:
         return a.copy()
-    out = ndimage.uniform_filter1d(a, size, axis=0, mode=mode)
+    out = ndimage.uniform_filter1d(a, size, axis=0, output=np.empty_like(a), mode=mode)
     return ndimage.uniform_filter1d(out, size, axis=1, output=out, mode=mode)
 
 
@@ -644,7 +649,7 @@ def _line_bands(mask: np.ndarray, axis: int, box: tuple[int, int, int, int]) -> 
     along, across = c1 - c0, r1 - r0
     if along < 8 or across < 8:
         return []
-    cover = np.count_nonzero(m[r0:r1, c0:c1], axis=1) / along
+    cover = m[r0:r1, c0:c1].sum(axis=1) / along
     rows = (cover >= _LINE_COVER).nonzero()[0]
     bands = []
     for run in np.split(rows, np.flatnonzero(np.diff(rows) > 3) + 1) if rows.size else []:
