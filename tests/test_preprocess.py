@@ -402,6 +402,17 @@ def test_max_pixels_limit(tmp_path, monkeypatch):
         load_image(path)
 
 
+def test_pillows_own_pixel_guard_still_speaks_once_our_limit_is_raised_above_it(tmp_path, monkeypatch):
+    # The parsed header is used as the opened image only within Pillow's guard; past it Image.open decides.
+    path = save_png(tmp_path / "small.png", np.full((100, 80), 255, np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 8,000 pixels: over twice Pillow's limit
+    with pytest.raises(ImageError, match="larger than Pillow's pixel limit"):
+        load_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # between once and twice: Pillow only warns
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert load_image(path).shape == (100, 80)
+
+
 # ----------------------------------------------------------------------------- other captures
 # Tight crops, tiny scans, binarized or few-level scans, either polarity, form boxes, stains:
 # the images other digit collections and forms produce (tests.support.forms renders them).
@@ -633,6 +644,47 @@ def test_order_statistics_equal_numpys_bit_for_bit():
         want = np.median(a)
         for got in (preprocess._median_sorted(s), preprocess._median(a)):
             assert got == want and type(got) is type(want), n
+
+
+def test_lean_helpers_equal_the_numpy_expressions_they_replace_bit_for_bit():
+    """Otsu without error-state patches, boxes by argmax, shares and means by sums: the same floats."""
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(rng.integers(2, 30)) if trial % 2 else int(rng.integers(30, 9000))
+        v = (rng.random(n) * rng.choice([1e-4, 1.0, 50.0]) - rng.random()).astype(np.float32)
+        if trial % 3 == 0:
+            v = (np.round(v * 3) / 3).astype(np.float32)  # few levels: many empty bins
+        if trial % 7 == 0:
+            v[: n // 2] = v[0]  # half the sample one value
+        assert preprocess._otsu(v) == _otsu_reference(v), trial
+    assert preprocess._otsu(np.array([0.0, 1.0], np.float32)) == _otsu_reference(np.array([0.0, 1.0], np.float32))
+    for shape in [(1, 1), (1, 9), (7, 1), (5, 5), (30, 41)]:
+        for density in (0.0, 0.02, 0.5, 1.0):
+            mask = rng.random(shape) < density
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            want = None if rows.size == 0 else (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+            assert preprocess._bbox(mask) == want
+            assert preprocess._share(mask) == float(np.mean(mask))
+    for shape in [(2, 2), (9, 13), (48, 31)]:
+        a = rng.random(shape).astype(np.float32)
+        d = a.astype(np.float64) - float(a.mean())
+        want = float(max(np.mean(d[1:] * d[:-1]), np.mean(d[:, 1:] * d[:, :-1])) / float(np.mean(d * d)))
+        assert preprocess._neighbour_correlation(a) == want
+
+
+def _otsu_reference(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold as written before the lean version: every bin, with nan/inf patched."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        return hi
+    width = (hi - lo) / bins
+    hist = np.bincount(np.minimum(((values - lo) / width).astype(np.int64), bins - 1), minlength=bins)
+    p = hist.astype(np.float64) / hist.sum()
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * (lo + (np.arange(bins) + 0.5) * width))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = ((m0[-1] * w0 - m0) ** 2 / (w0 * (1.0 - w0)))[:-1]
+    return lo + (int(np.argmax(np.nan_to_num(between, nan=-1.0))) + 1) * width
 
 
 def test_3x3_morphology_and_centre_of_mass_equal_scipys():
