@@ -79,10 +79,12 @@ class Reading:
     def from_probabilities(cls, probs: np.ndarray, latency_ms: float, min_confidence: float = 0.0) -> "Reading":
         """The reading of k digits whose class probabilities are `probs` [k, classes]; unsure when a
         digit's probability is below `min_confidence`."""
-        digits = [int(i) for i in np.argmax(probs, axis=-1)]
-        probabilities = [float(probs[i, d]) for i, d in enumerate(digits)]
-        return cls(text="".join(str(d) for d in digits), digits=digits, probabilities=probabilities,
-                   probs=[[float(v) for v in row] for row in probs], latency_ms=round(latency_ms, 3),
+        probs = np.asarray(probs)
+        digits = probs.argmax(axis=-1).tolist()
+        rows = probs.tolist()  # Python floats, as float() of each value gives, in one call
+        probabilities = [row[d] for row, d in zip(rows, digits)]
+        return cls(text="".join(map(str, digits)), digits=digits, probabilities=probabilities,
+                   probs=rows, latency_ms=round(latency_ms, 3),
                    unsure=bool(probabilities) and min(probabilities) < min_confidence)
 
 
