@@ -103,7 +103,7 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Binar
 
 _EIGHT = np.ones((3, 3), bool)  # 8-connectivity for ndimage.label
 _EIGHT.flags.writeable = False
-_SQRT2 = np.sqrt(2.0)  # an np.float64: the noise estimates stay np.float64, and what they touch float64
+_SQRT2 = np.sqrt(2.0)  # np.float64, as before: noise levels keep that type, and the soft levels the precision it gives
 
 
 class ImageError(HwrjaxError, ValueError):
