@@ -1,7 +1,7 @@
 """Calibrated probabilities (hwrjax.inference.calibration), "unsure" readings and labelled folders as a split.
 
 The fitted temperature is checked on synthetic logits drawn at a known temperature; the
-trained checks use one smoke run of the fast recipe (label smoothing 0.1) on real MNIST.
+trained checks use (a copy of) the session's trained run: the fast recipe, label smoothing 0.1, on real MNIST.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import pytest
 from PIL import Image
 
 import conftest
-from configs import fast
-from hwrjax.apps import evaluate, labelled, train
+from hwrjax.apps import evaluate, labelled
 from hwrjax.apps.recognize import Reading, Recognizer
 from hwrjax.cli import evaluate as evaluate_cli
 from hwrjax.cli.predict import predict_main
 from hwrjax.core.errors import CheckpointError, DataError
 from hwrjax.inference import calibration, loader, metrics, predict
-from hwrjax.training import runlock
+from hwrjax.training import checkpoint, runlock
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -117,19 +116,12 @@ def test_reading_is_unsure_below_the_threshold():
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A smoke run of the fast recipe (label smoothing 0.1): its workdir and config."""
-    if not conftest.mnist_available():
-        if os.environ.get("CI"):
-            pytest.fail("CI needs TFDS_DATA_DIR pointing at a tfds data dir holding mnist")
-        pytest.skip("set TFDS_DATA_DIR to a tfds data dir holding mnist")
-    config = fast.get_config("smoke")
-    config.report_plots = False
-    config.progress = False
-    config.num_epochs = 6  # 192 steps: near the equilibrium label smoothing trains towards
+def smoke_run(trained_run, tmp_path_factory):
+    """A copy of the session's trained run (tests/conftest.py: the fast recipe, label smoothing 0.1,
+    calibrated at training's end) that these tests may write reports into: its workdir and config."""
+    workdir = shutil.copytree(trained_run, str(tmp_path_factory.mktemp("calib") / "fast"))
+    config = checkpoint.load_config(workdir)
     assert config.loss.label_smoothing > 0
-    workdir = str(tmp_path_factory.mktemp("calib") / "fast")
-    train.train_and_evaluate(config, workdir)
     return workdir, config
 
 
