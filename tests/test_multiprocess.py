@@ -4,7 +4,6 @@ resume, and match the one-process run."""
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -98,7 +97,7 @@ def two_process_run(tmp_path_factory):
             p.wait()
 
 
-def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, two_process_run):
+def test_two_processes_train_checkpoint_and_match_one_process(tmp_path, two_process_run):
     # Meanwhile (the two-process run started with the fixture), one process with two devices: the
     # same global computation.
     one = str(tmp_path / "one")
@@ -125,14 +124,8 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(tmp_path, t
     _, one_leaves = _digest(one)
     for a, b in zip(two_leaves, one_leaves):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-    # Resume: drop the newest checkpoints (as if killed after step 16) and rerun both processes.
-    for s in steps[1:]:
-        shutil.rmtree(os.path.join(ckpt_dir, str(s)))
-    _finish(_start_two_processes(two))
-    _, resumed = _digest(two)
-    for a, b in zip(resumed, two_leaves):
-        np.testing.assert_array_equal(a, b)
+    # Resuming both processes from a checkpoint and ending bit for bit as this run: the SIGTERM test
+    # below (one relaunch of two processes serves both tests).
 
 
 def test_sigterm_on_one_process_stops_both_at_the_same_step_and_resumes_bitwise(tmp_path, two_process_run):
