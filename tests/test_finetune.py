@@ -219,17 +219,12 @@ def short_run(base_run, samples_dir, tmp_path_factory):
     return finetune.finetune(base_run[0], finetune.load_samples(samples_dir), out, SHORT), out
 
 
-def test_finetune_is_reproducible(short_run, base_run, samples_dir, tmp_path):
+def test_finetune_is_reproducible_and_resumes_bit_for_bit(short_run, base_run, samples_dir, tmp_path, monkeypatch):
+    """A second fine-tune from scratch, stopped by SIGTERM mid-epoch (the loop's step-triggered test
+    hook), then resumed by the same call, ends bit for bit where the uninterrupted one ends: its first
+    steps reproduce the uninterrupted run's, its last ones continue from its checkpoint exactly."""
     report, whole = short_run
-    again = finetune.finetune(base_run[0], finetune.load_samples(samples_dir), str(tmp_path / "b"), SHORT)
-    assert again["after"] == report["after"] and again["steps"] == report["steps"] == 6
-    assert all(np.array_equal(x, y) for x, y in zip(_weights(whole), _weights(str(tmp_path / "b"))))
-
-
-def test_finetune_resumes_bit_for_bit(short_run, base_run, samples_dir, tmp_path, monkeypatch):
-    """Stopped by SIGTERM mid-epoch (the loop's step-triggered test hook), the same call resumes
-    the fine-tune, which then ends bit for bit where the uninterrupted one ends."""
-    report, whole = short_run
+    assert report["steps"] == 6
     out = str(tmp_path / "cut")
     samples = finetune.load_samples(samples_dir)
     monkeypatch.setenv(preemption.SIGNAL_AT_STEP_ENV, "3:SIGTERM")
@@ -242,7 +237,7 @@ def test_finetune_resumes_bit_for_bit(short_run, base_run, samples_dir, tmp_path
         finetune.finetune(base_run[0], samples, out, dataclasses.replace(SHORT, mix=0.25))
     monkeypatch.delenv(preemption.SIGNAL_AT_STEP_ENV)
     resumed = finetune.finetune(base_run[0], samples, out, SHORT)
-    assert resumed["after"] == report["after"] and resumed["before"] == report["before"]
+    assert resumed["after"] == report["after"] and resumed["before"] == report["before"] and resumed["steps"] == 6
     assert all(np.array_equal(x, y) for x, y in zip(_weights(whole), _weights(out)))
     # Finished now: a rerun into it is refused and changes nothing.
     with pytest.raises(finetune.FinetuneError, match="already exists and is not empty"):
