@@ -756,13 +756,11 @@ def _segment(grey: np.ndarray) -> _Ink:
             f"{noise:.3f}; photograph darker, thicker strokes under even light"
         )
 
-    box = _bbox(mask)  # never None: the contrast above needs ink
-    lines = _form_lines(mask, box)
+    lines = _form_lines(mask, _bbox(mask))  # the box is never None: the contrast above needs ink
     if lines is not None:
         mask &= ~lines
         if not mask.any():
             raise NoInkError("only the lines of a form were found, no digit; crop the image to the digit")
-        box = None  # the mask changed
     labels, count = ndimage.label(mask, structure=_EIGHT)
     if count > _MAX_COMPONENTS:
         raise NoInkError(
@@ -778,8 +776,7 @@ def _segment(grey: np.ndarray) -> _Ink:
     if not keep[1:].all():  # else the mask and its labels stay as they are
         mask = keep[labels]
         labels, count = ndimage.label(mask, structure=_EIGHT)
-        box = None
-    r0, r1, c0, c1 = box or _bbox(mask)
+    r0, r1, c0, c1 = _bbox(mask)
     if max(r1 - r0, c1 - c0) < max(_MIN_INK_PX, _MIN_INK_FRACTION * short):
         raise NoInkError(
             f"the only ink found is a {r1 - r0}x{c1 - c0} px dot in a {h}x{w} image "
