@@ -642,8 +642,13 @@ def test_order_statistics_equal_numpys_bit_for_bit():
             want, got = np.percentile(a, list(qs)), preprocess._percentile_sorted(s, qs)
             assert list(got) == list(want) and all(type(g) is np.float64 for g in got), (n, qs)
         want = np.median(a)
-        for got in (preprocess._median_sorted(s), preprocess._median(a)):
-            assert got == want and type(got) is type(want), n
+        got = preprocess._median_sorted(s)
+        assert got == want and type(got) is type(want), n
+        if trial % 4 < 2:  # zeros: any count, and just below, at and past the middle
+            a[: int(rng.choice([rng.integers(0, n + 1), max(0, n // 2 - 1), n // 2, n // 2 + 1]))] = 0.0
+        want = np.median(np.abs(a))
+        got = preprocess._median_abs(a.copy())
+        assert got == want and type(got) is type(want), n
 
 
 def test_lean_helpers_equal_the_numpy_expressions_they_replace_bit_for_bit():

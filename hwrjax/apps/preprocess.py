@@ -446,12 +446,24 @@ def _midpoint(lo: np.generic, hi: np.generic):
     return lo.dtype.type((lo + hi) / 2) if lo.dtype.kind == "f" else (lo + hi) / 2
 
 
-def _median(a: np.ndarray):
-    """np.median(a) of a non-empty array, by a partial sort."""
-    a = a.ravel()
+def _median_abs(d: np.ndarray):
+    """np.median(np.abs(d)) of a non-empty 1-D float array (d is overwritten), by a partial sort of the nonzero values.
+
+    The zeros (flat paper: most pixel differences of a clean scan) are the lowest values, so they are only
+    counted; numpy's partition is many times slower on an array that is mostly one value.
+    """
+    a = np.abs(d, out=d)
     h = a.size // 2
-    part = np.partition(a, h)  # one rank: the one below it is the largest of those partition put before it
-    return part[h] if a.size % 2 else _midpoint(part[:h].max(), part[h])
+    zeros = a.size - np.count_nonzero(a)
+    if zeros > h:  # both middle values are zeros
+        return a.dtype.type(0)
+    if zeros:
+        a = a[a != 0]  # rank r of the nonzero values is rank r + zeros of all
+    r = h - zeros
+    part = np.partition(a, r)  # one rank: the one below it is the largest of those partition put before it
+    if d.size % 2:
+        return part[r]
+    return _midpoint(part[:r].max() if r else a.dtype.type(0), part[r])
 
 
 # Separable filters called pass by pass: the same 1-D passes, in the same order, as ndimage's
@@ -703,7 +715,7 @@ def _noise(a: np.ndarray, sigma: float) -> float:
     diffs = np.concatenate([(a[k:] - a[:-k]).ravel(), (a[:, k:] - a[:, :-k]).ravel()])
     if diffs.size == 0:
         return 0.0
-    return 1.4826 * float(_median(np.abs(diffs, out=diffs))) / _SQRT2
+    return 1.4826 * float(_median_abs(diffs)) / _SQRT2
 
 
 def _paper_level_and_noise(strength: np.ndarray, ordered: np.ndarray, t: float, sigma: float) -> tuple[float, float]:
