@@ -7,12 +7,14 @@ Per image (PNG or JPEG bytes -> `load_image` -> `to_mnist`, the path of `hwrjax 
 12-megapixel phone photo (4000x3000 JPEG of a digit on lit, noisy paper), and hostile
 inputs (a 1-px line 5000 px long, a 2800x2800 RGBA PNG, a 16x16 noise image). Reported as
 the median of --repeats runs each, so a busy machine moves the figures less; CPU time
-beside wall time, since a shared machine moves the wall figure most. `hwrjax predict` on a
-folder of small images is timed by benchmarks/predict_rate.py.
+beside wall time, since a shared machine moves the wall figure most; and a digest of what was
+read (the 28x28 array's bytes, or the refusal), so two trees that read alike show the same
+one. `hwrjax predict` on a folder of small images is timed by benchmarks/predict_rate.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import statistics
@@ -74,16 +76,18 @@ def _inputs() -> dict[str, bytes]:
 
 
 def _time_one(data: bytes) -> tuple[float, float, str]:
-    """Wall and CPU milliseconds of one reading (CPU time moves less on a shared machine)."""
+    """Wall and CPU milliseconds of one reading (CPU time moves less on a shared machine), and what was read."""
     from hwrjax.apps import preprocess
 
     t0, c0 = time.perf_counter(), time.process_time()
     try:
-        preprocess.to_mnist(preprocess.load_image(data))
-        outcome = "read"
+        out: np.ndarray | str = preprocess.to_mnist(preprocess.load_image(data))
     except preprocess.ImageError as e:
-        outcome = f"refused: {str(e)[:60]}"
-    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3, outcome
+        out = str(e)
+    wall, cpu = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+    outcome = f"refused: {out[:60]}" if isinstance(out, str) else "read"
+    digest = hashlib.sha256(out.encode() if isinstance(out, str) else out.tobytes()).hexdigest()[:8]
+    return wall, cpu, f"{outcome}, digest {digest}"
 
 
 def main(argv: list[str]) -> None:
