@@ -148,10 +148,12 @@ def load_image(source: ImageSource) -> np.ndarray:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)  # The first frame of an animation or a multi-page scan.
         try:
-            if im.format == "JPEG" and im.width * im.height > DECODE_PIXELS:
-                # Decode at 1/2, 1/4 or 1/8 scale in libjpeg: far less time and memory.
-                f = (DECODE_PIXELS / (im.width * im.height)) ** 0.5
-                im.draft(im.mode, (max(1, int(im.width * f)), max(1, int(im.height * f))))
+            if im.format == "JPEG" and im.width * im.height > WORK_PIXELS:
+                # Decode at 1/2, 1/4 or 1/8 scale in libjpeg, never below the working size that `to_mnist`
+                # and `split_digits` area-reduce every image to: far less time and memory, and no pixel
+                # they would use is lost (each decoded pixel stands for an s x s block of the file).
+                f = (WORK_PIXELS / (im.width * im.height)) ** 0.5
+                im.draft(im.mode, (math.ceil(im.width * f), math.ceil(im.height * f)))
             im.load()
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise ImageError(
