@@ -50,11 +50,11 @@ def test_jvp_and_jacfwd_agree_with_jacrev_and_finite_differences(name, form, mon
     v = jax.random.normal(jax.random.key(3), x.shape)
     y, jv = jax.jit(lambda x_, v_: jax.jvp(f_x, (x_,), (v_,)))(x, v)
     _close(y, f_x(x))
-    jac = jax.jacrev(f_x)(x)  # [2, 5, 2, 28, 28, 1]
+    jac = jax.jit(jax.jacrev(f_x))(x)  # [2, 5, 2, 28, 28, 1]
     _close(jv, jnp.tensordot(jac, v, axes=4))
     # Against JAX's own derivatives of flax's pooling and XLA's convolution (an independent rule).
     with layers.flax_reference():
-        _, jv_ref = jax.jvp(lambda x_: model.apply(variables, x_, train=False), (x,), (v,))
+        _, jv_ref = jax.jit(lambda x_, v_: jax.jvp(lambda z: model.apply(variables, z, train=False), (x_,), (v_,)))(x, v)
     _close(jv, jv_ref)
     if MODELS[name].get("pooling") != "max":  # a max pool's kinks make finite differences unreliable
         eps = 1e-3
@@ -62,7 +62,7 @@ def test_jvp_and_jacfwd_agree_with_jacrev_and_finite_differences(name, form, mon
         np.testing.assert_allclose(jv, fd, rtol=5e-2, atol=5e-2 * float(jnp.max(jnp.abs(fd))))
 
     # jacfwd with respect to every parameter (conv kernels included) equals jacrev.
-    fwd, rev = jax.jacfwd(f_p)(params), jax.jacrev(f_p)(params)
+    fwd, rev = jax.jit(jax.jacfwd(f_p))(params), jax.jit(jax.jacrev(f_p))(params)
     for a, b in zip(jax.tree.leaves(fwd), jax.tree.leaves(rev)):
         _close(a, b)
 
