@@ -1,14 +1,21 @@
 """Shared fixtures: an untrained checkpoint (no dataset needed), a small run trained on MNIST once per
-session, independent oracles to check inference against, and a summary of what was skipped and why."""
+session, independent oracles to check inference against, and a summary of what was skipped and why.
+
+The suite runs in pytest-xdist workers (pyproject.toml's addopts; `-n 0` runs it in one process):
+the trained run is made once for all of them (`_once_per_run`), and the tests that share a
+module- or class-scoped fixture run on one worker (`pytest_collection_modifyitems`)."""
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 import warnings
 
-# One persistent compilation cache for this test session, inherited by every launch.py and
+# One persistent compilation cache for this test session (the xdist workers inherit the
+# controller's environment, so they share it too), inherited by every launch.py and
 # `hwrjax` subprocess: the many smoke runs of one recipe compile their steps once. It starts
 # empty, so no run outside the session is reused, and it is removed at the end.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -132,20 +139,48 @@ def trained_config():
     return c
 
 
+@contextlib.contextmanager
+def _once_per_run(tmp_path_factory, name: str):
+    """Yields (folder, done): a folder that every xdist worker of this pytest run shares, and whether
+    another worker already filled it. The first one to hold the lock fills it while the others wait;
+    the folder is marked done only when the block ends without an error, so a failed attempt is made
+    again by the next worker (and fails there too, with its own traceback).
+
+    Without xdist the folder is simply a new one of this session's temporary folder: the parent of
+    `getbasetemp()` is shared by workers of one run only under xdist (else it holds every past run)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield tmp_path_factory.mktemp(name), False
+        return
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder; each worker's basetemp is in it
+    folder = root / f"once-{name}"
+    marker = root / f"once-{name}.done"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        done = marker.exists()
+        if not done and folder.exists():  # a worker's failed attempt
+            shutil.rmtree(folder)
+        folder.mkdir(exist_ok=True)
+        yield folder, done
+        marker.touch()
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> str:
     """The workdir of a small BatchNorm convnet trained once per session on real MNIST with a moving
     average of its weights (read only: copy it before writing to it)."""
     skip_or_fail_without_mnist()
-    workdir = str(tmp_path_factory.mktemp("trained") / "run")
-    if os.environ.get(TRAINED_RUN_ENV):
-        # Test hook: the mutation check (tests/mutants) trains once for every mutant that cannot
-        # change training, and hands the run in; a copy is used, so it is never written to.
-        shutil.copytree(os.environ[TRAINED_RUN_ENV], workdir)
-        with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
-            report = json.load(f)
-    else:
-        report = train.train_and_evaluate(trained_config(), workdir)
+    with _once_per_run(tmp_path_factory, "trained") as (folder, done):
+        workdir = str(folder / "run")
+        if done or os.environ.get(TRAINED_RUN_ENV):
+            if not done:
+                # Test hook: the mutation check (tests/mutants) trains once for every mutant that cannot
+                # change training, and hands the run in; a copy is used, so it is never written to.
+                shutil.copytree(os.environ[TRAINED_RUN_ENV], workdir)
+            # else trained by another xdist worker of this run: the same files, read only.
+            with open(os.path.join(workdir, "report", "test_metrics.json")) as f:
+                report = json.load(f)
+        else:
+            report = train.train_and_evaluate(trained_config(), workdir)
     assert report["num_examples"] == TRAINED_SPLIT_SIZE, report
     assert report["accuracy"] >= ACCURACY_FLOOR, report
     # Label smoothing keeps the raw probabilities below ~0.9: the run is calibrated to sharpen them.
@@ -233,3 +268,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for reason, ids in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
         files = sorted({i.split("::")[0] for i in ids})
         terminalreporter.write_line(f"{len(ids):4d}  {reason}  ({', '.join(files)})")
+
+
+# ---------------------------------------------------------------- xdist: what must share a worker
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks (--dist=loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """Keeps on one xdist worker the tests of a module that share a module- or class-scoped fixture
+    (a trained or fine-tuned run, a server, a browser): spread over two workers, each would build
+    it. The module's other tests, and tests that only share session fixtures, are spread freely."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(defs and defs[-1].scope in ("module", "class", "package")
+               for defs in (info.name2fixturedefs.get(name) for name in info.names_closure)):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))

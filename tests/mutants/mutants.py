@@ -215,17 +215,19 @@ def run(mutant: Mutant, rev: str | None, env: dict, timeout: int) -> tuple[str, 
             return "stale", f"source text not found once in {mutant.path}", 0.0
         tests = [t for t in mutant.tests if os.path.exists(os.path.join(dest, t.split("::")[0]))]
         if tests:  # drop test ids this revision does not have
-            listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                                     *tests], cwd=dest, env=dict(env, PYTHONPATH=dest), capture_output=True,
-                                    text=True)
+            listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-n", "0",
+                                     "-p", "no:cacheprovider", *tests], cwd=dest, env=dict(env, PYTHONPATH=dest),
+                                    capture_output=True, text=True)
             tests = [t for t in tests if "::" not in t or t in listed.stdout]
         if not tests:
             return "no tests", "none of its tests exist at this revision", 0.0
         start = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
-                                   *tests], cwd=dest, env=dict(env, PYTHONPATH=dest), capture_output=True, text=True,
-                                  timeout=timeout)
+            # -n 0: one process (not pyproject's xdist workers), so -x stops at the first failure and
+            # only the mutant's few tests are run, in order.
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-n", "0",
+                                   "-p", "no:cacheprovider", *tests], cwd=dest, env=dict(env, PYTHONPATH=dest),
+                                  capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return "timeout", f"over {timeout} s", time.time() - start
         seconds = time.time() - start
