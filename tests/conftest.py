@@ -140,7 +140,7 @@ def trained_config():
 
 
 @contextlib.contextmanager
-def _once_per_run(tmp_path_factory, name: str):
+def _once_per_run(config, tmp_path_factory, name: str):
     """Yields (folder, done): a folder that every xdist worker of this pytest run shares, and whether
     another worker already filled it. The first one to hold the lock fills it while the others wait;
     the folder is marked done only when the block ends without an error, so a failed attempt is made
@@ -148,7 +148,7 @@ def _once_per_run(tmp_path_factory, name: str):
 
     Without xdist the folder is simply a new one of this session's temporary folder: the parent of
     `getbasetemp()` is shared by workers of one run only under xdist (else it holds every past run)."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if not hasattr(config, "workerinput"):  # not an xdist worker
         yield tmp_path_factory.mktemp(name), False
         return
     root = tmp_path_factory.getbasetemp().parent  # the run's folder; each worker's basetemp is in it
@@ -165,11 +165,11 @@ def _once_per_run(tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> str:
+def trained_run(pytestconfig, tmp_path_factory) -> str:
     """The workdir of a small BatchNorm convnet trained once per session on real MNIST with a moving
     average of its weights (read only: copy it before writing to it)."""
     skip_or_fail_without_mnist()
-    with _once_per_run(tmp_path_factory, "trained") as (folder, done):
+    with _once_per_run(pytestconfig, tmp_path_factory, "trained") as (folder, done):
         workdir = str(folder / "run")
         if done or os.environ.get(TRAINED_RUN_ENV):
             if not done:
@@ -272,16 +272,61 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 # ---------------------------------------------------------------- xdist: what must share a worker
 
+# Where the workers write which tests must share one (nodeid -> group) for the controller's
+# scheduler: with pytest 9.2 and pytest-xdist 3.8, xdist's own channel for xdist_group (a suffix
+# added to the test ids on the workers) no longer reaches the controller, and loadgroup silently
+# spreads a group's tests (pytest-dev/pytest-xdist#1386). Set by the controller, inherited by them.
+XDIST_GROUPS_ENV = "HWRJAX_TEST_XDIST_GROUPS"
+
+
+def pytest_configure(config):
+    if (not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist")
+            and config.getoption("dist", "no") == "loadgroup" and XDIST_GROUPS_ENV not in os.environ):
+        folder = tempfile.mkdtemp(prefix="hwrjax-test-xdist-")
+        os.environ[XDIST_GROUPS_ENV] = os.path.join(folder, "groups.json")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks (--dist=loadgroup)
 def pytest_collection_modifyitems(config, items):
     """Keeps on one xdist worker the tests of a module that share a module- or class-scoped fixture
     (a trained or fine-tuned run, a server, a browser): spread over two workers, each would build
     it. The module's other tests, and tests that only share session fixtures, are spread freely."""
+    groups = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
         if any(defs and defs[-1].scope in ("module", "class", "package")
                for defs in (info.name2fixturedefs.get(name) for name in info.names_closure)):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+            group = item.module.__name__ if item.module else item.nodeid
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups[item.nodeid] = group
+    if hasattr(config, "workerinput") and os.environ.get(XDIST_GROUPS_ENV):
+        path = os.environ[XDIST_GROUPS_ENV]
+        tmp = f"{path}.{config.workerinput['workerid']}"
+        with open(tmp, "w") as f:
+            json.dump(groups, f)
+        os.replace(tmp, path)  # every worker collects the same tests: the same map
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist=loadgroup, with the groups the workers wrote (see XDIST_GROUPS_ENV)."""
+    if config.getoption("dist", "no") != "loadgroup" or not os.environ.get(XDIST_GROUPS_ENV):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Scheduling(LoadGroupScheduling):
+        _groups = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._groups is None:  # first called once every worker has collected
+                try:
+                    with open(os.environ[XDIST_GROUPS_ENV]) as f:
+                        self._groups = json.load(f)
+                except FileNotFoundError:
+                    self._groups = {}
+            return self._groups.get(nodeid) or super()._split_scope(nodeid)
+
+    return Scheduling(config, log)
