@@ -473,21 +473,18 @@ def test_tight_crop_polarity_is_found(form, kind):
     assert (a > 0.5).mean() < 0.35 and a[:3].max() == 0.0  # white ink on a black field
 
 
-def test_8x8_scan_is_upsampled_not_refused():
-    # Like scikit-learn's digits: a 32x32 drawing averaged over 4x4 blocks, 17 grey levels.
-    for kind in ("7", "4", "0"):
-        big = Image.fromarray((mnist_like(kind)[2:26, 2:26] * 255).astype(np.uint8)).resize((32, 32))
-        small = np.asarray(big.resize((8, 8), Image.Resampling.BOX), np.float32) / 255.0
-        tiny = (np.round(small * 16) * (255 / 16)).astype(np.uint8)
-        assert tiny.shape == (8, 8)
-        assert corr1(to_mnist(tiny), mnist_like(kind)) > 0.8, kind
-
-
 def _tiny_scan(kind: str) -> np.ndarray:
     """An 8x8 scan like scikit-learn's digits: a 32x32 drawing averaged over 4x4 blocks, 17 grey levels."""
     big = Image.fromarray((mnist_like(kind)[2:26, 2:26] * 255).astype(np.uint8)).resize((32, 32))
     small = np.asarray(big.resize((8, 8), Image.Resampling.BOX), np.float32) / 255.0
     return (np.round(small * 16) * (255 / 16)).astype(np.uint8)
+
+
+def test_8x8_scan_is_upsampled_not_refused():
+    for kind in ("7", "4", "0"):
+        tiny = _tiny_scan(kind)
+        assert tiny.shape == (8, 8)
+        assert corr1(to_mnist(tiny), mnist_like(kind)) > 0.8, kind
 
 
 def _spread(a: np.ndarray) -> np.ndarray:
