@@ -511,6 +511,36 @@ def test_tiny_scan_keeps_the_size_of_its_faint_edge_pixels(kind):
     assert corr(to_mnist(255 - tiny), out) > 0.99  # either polarity, the same digit
 
 
+@pytest.mark.parametrize("kind", ("7", "4", "0"))
+def test_digits_stored_in_a_sliver_of_the_scale_read_like_full_scale(kind):
+    # scikit-learn's digits are arrays of 0..16, a bitmap is often 0s and 1s. Passed as they are
+    # (floats, or saved as 8- or 16-bit files without scaling) they span a sliver of the scale:
+    # fainter than any photo's ink may be, and they were refused for their contrast.
+    levels = np.round(_tiny_scan(kind) / (255 / 16))  # 0..16
+    want = to_mnist(np.round(levels * (255 / levels.max())).astype(np.uint8))  # scaled to the full range
+    for faint in (levels, levels.astype(np.uint8), levels.astype(np.uint16) * 16, 255 - levels.astype(np.uint8)):
+        assert corr(to_mnist(faint), want) > 0.99, faint.dtype
+    # On a big canvas: its paper is one exact value too.
+    canvas = np.zeros((64, 64), np.uint8)
+    canvas[20:28, 30:38] = levels.astype(np.uint8)
+    scaled = np.round(canvas * (255 / levels.max())).astype(np.uint8)
+    assert corr(to_mnist(canvas), to_mnist(scaled)) > 0.99
+    # A bitmap of 0s and 1s reads like the same bitmap of 0s and 255s.
+    bits = np.asarray(Image.fromarray(mnist_like(kind)).resize((32, 32))) > 0.5
+    assert corr(to_mnist(bits.astype(np.uint8)), to_mnist(bits.astype(np.uint8) * 255)) > 0.99
+
+
+def test_a_faint_photo_is_still_refused_for_its_contrast():
+    # A photo's paper level lies among its noise, never one exact value at an end of its range: a
+    # faint photo keeps its levels and the contrast floor (_MIN_CONTRAST).
+    photo = photo_of("7", rgb=False).astype(np.float32)
+    assert corr1(to_mnist(photo.astype(np.uint8)), mnist_like("7")) > 0.7  # readable at full contrast
+    faint = np.clip(200 + (photo - photo.mean()) * 0.03, 0, 255).astype(np.uint8)
+    assert 6 <= int(faint.max()) - int(faint.min()) < 32  # a span that a digital image would be stretched from
+    with pytest.raises(NoInkError, match="no ink"):
+        to_mnist(faint)
+
+
 @pytest.mark.parametrize("name", ["white", "black", "grey", "noise8", "binary_noise16", "noise64", "gauss300"])
 def test_images_without_a_digit_are_refused_with_a_reason(name):
     rng = np.random.default_rng(1)

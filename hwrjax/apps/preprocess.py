@@ -90,6 +90,9 @@ _MIXED_RING = 0.3  # a border ring with more ink-like pixels than this shows no 
 _SOFT_FLOOR = 0.15  # share of the paper-to-ink range cut from the soft ink levels
 _CLEAN_NOISE = 0.05  # a tiny scan whose paper noise is below this share of its ink contrast is "clean" ...
 _CLEAN_FLOOR = 0.075  # ... and has this share of its paper-to-ink range cut, not _SOFT_FLOOR
+_FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full scale ...
+_MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
+_FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -734,9 +737,32 @@ def _paper_level_and_noise(strength: np.ndarray, ordered: np.ndarray, t: float, 
     return float(_median_sorted(below if below.size else ordered)), _noise(strength, sigma)
 
 
+def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Stretches a faint digital image to the full range: (grey, g), the source and its working copy.
+
+    Digits stored without scaling their levels (scikit-learn's 0..16 arrays, a bitmap of 0s and 1s
+    saved as 8-bit grey, 12-bit data in a 16-bit file) span a sliver of the full scale, and their
+    ink contrast falls short of the faintest a photo may show (_MIN_CONTRAST). Such an image is
+    known by its paper: one exact value at an end of its range on many pixels, which a camera's
+    noise never gives. Stretched to [0, 1], it is judged by its noise like any other image. A
+    faint photo, whose paper level lies among its noise, keeps its levels and the contrast floor.
+    """
+    a = grey if upsampled else g  # the smaller one: the statistics cost at most WORK_PIXELS
+    lo, hi = float(a.min()), float(a.max())
+    span = hi - lo
+    if not _MIN_SPAN <= span < _FAINT_SPAN:
+        return grey, g
+    values, counts = np.unique(a, return_counts=True)
+    paper = int(counts.argmax())
+    if paper not in (0, values.size - 1) or counts[paper] < _FLAT_PAPER * a.size:
+        return grey, g
+    return (grey - lo) / span, np.clip((g - lo) / span, 0.0, 1.0)
+
+
 def _segment(grey: np.ndarray) -> _Ink:
     """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels."""
     g, upsampled = _to_working_size(grey)
+    grey, g = _stretch_faint(grey, g, upsampled)
     if upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION:
         raise NoInkError(
             "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
