@@ -9,8 +9,9 @@ training augmentation, never for training. `hand` normalizes them here the class
 (the box of the ink scaled bilinearly so its longer side is 20 px, the centre of mass moved
 to (14, 14) of a 28x28 field), so the figure measures the network, not a preprocessing. With
 --recognizer, each digit is also read file-like through `Recognizer.read(mode="digit")` (the
-same path as `hwrjax predict --mode=digit`): at its native 8x8, upscaled 4x (32x32, nearest
-neighbour), and both with dark ink on a light ground.
+same path as `hwrjax predict --mode=digit`): as scikit-learn gives it (a float array of 0..16,
+`as_given`), as an 8-bit file at its native 8x8, upscaled 4x (32x32, nearest neighbour), and
+both with dark ink on a light ground.
 Needs scikit-learn (pip install -e ".[bench]").
 """
 
@@ -74,9 +75,10 @@ def measure(workdir: str, images: np.ndarray, labels: np.ndarray) -> dict:
     result = {"workdir": workdir, "n": int(len(labels)), "hand": float((hand == labels).mean()),
               "hand_per_class": [float((hand[labels == k] == k).mean()) for k in range(10)]}
     if FLAGS.recognizer:
-        for name, upscale, inverted in (("native", 1, False), ("native_inverted", 1, True),
+        for name, upscale, inverted in (("as_given", 1, False), ("native", 1, False), ("native_inverted", 1, True),
                                         ("upscaled", 4, False), ("upscaled_inverted", 4, True)):
-            readings = recognizer.recognize([file_like(d, upscale, inverted) for d in images], mode="digit")
+            inputs = list(images) if name == "as_given" else [file_like(d, upscale, inverted) for d in images]
+            readings = recognizer.recognize(inputs, mode="digit")
             got = np.array([int(r.text) if r.text.isdigit() else -1 for r in readings])
             result[name] = float((got == labels).mean())
             errors = [r.error for r in readings if r.error]
@@ -96,7 +98,8 @@ def main(argv):
     digits = load_digits()
     images, labels = digits.images, digits.target.astype(np.int64)
     rows = [measure(w, images, labels) for w in FLAGS.workdir]
-    variants = [k for k in ("hand", "native", "native_inverted", "upscaled", "upscaled_inverted") if k in rows[0]]
+    variants = [k for k in ("hand", "as_given", "native", "native_inverted", "upscaled", "upscaled_inverted")
+                if k in rows[0]]
     print(f"scikit-learn digits, {len(labels)} images: accuracy (errors)")
     print(f"{'workdir':<40} " + " ".join(f"{v:>18}" for v in variants))
     for r in rows:
