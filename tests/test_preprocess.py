@@ -671,6 +671,34 @@ def test_hard_pixel_enlargement_reads_like_the_native_scan(k):
     assert preprocess._native_pixels(odd.astype(np.float32)).shape == odd.shape
 
 
+def _nearest(small: np.ndarray, h: int, w: int, rounding: str) -> np.ndarray:
+    """`small` enlarged to h x w with hard pixels: Pillow's NEAREST, or OpenCV's (each pixel takes
+    the source pixel under its top-left corner)."""
+    if rounding == "pillow":
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST))
+    rows = np.arange(h) * small.shape[0] // h
+    cols = np.arange(w) * small.shape[1] // w
+    return small[rows][:, cols]
+
+
+@pytest.mark.parametrize("rounding", ["pillow", "opencv"])
+@pytest.mark.parametrize("factor", [2.5, 3.5, 5.25, 8.75])
+def test_enlargement_by_a_fractional_factor_reads_like_the_native_scan(factor, rounding):
+    # An 8x8 scan resized to 28x28 (or any size) with hard pixels: blocks of 3 and 4 pixels.
+    small = _tiny_scan("4")
+    size = round(8 * factor)
+    big = _nearest(small, size, size, rounding)
+    assert not np.array_equal(big, np.kron(small, np.ones((2, 2), np.uint8))[:size, :size])
+    np.testing.assert_array_equal(preprocess._native_pixels(big.astype(np.float32)), small.astype(np.float32))
+    np.testing.assert_array_equal(to_mnist(big), to_mnist(small))
+    # Enlarged smoothly, the image is read as it is; enlarged to another aspect, it keeps that aspect.
+    smooth = np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR))
+    assert preprocess._native_pixels(smooth.astype(np.float32)).shape == smooth.shape
+    wide = _nearest(small, size, round(size * 1.5), rounding)
+    h, w = preprocess._native_pixels(wide.astype(np.float32)).shape
+    assert w / h == pytest.approx(wide.shape[1] / wide.shape[0], rel=0.02)
+
+
 def test_a_fifo_is_refused_without_being_opened(tmp_path):
     import os
 

@@ -959,23 +959,42 @@ def _layout(soft: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int] |
     return np.ascontiguousarray(canvas[y0 : y0 + MNIST_SIZE, x0 : x0 + MNIST_SIZE])
 
 
+def _on_lattice(cuts: np.ndarray, size: int, n: int) -> bool:
+    """Whether every cut (a line that differs from the one before) is where n native lines enlarged
+    to `size` with hard pixels change: within half a pixel of each multiple of the factor k = size / n
+    when each pixel takes the native line under its centre (Pillow, scikit-image), within the pixel
+    after it when it takes the one under its top edge (OpenCV). A whole factor leaves no slack."""
+    d = cuts - np.round(cuts * n / size) * (size / n)  # from the nearest native boundary, in pixels
+    return bool(np.all(np.abs(d) <= 0.5 + 1e-9) or np.all((d >= -1e-9) & (d < 1.0 - 1e-9)))
+
+
 def _native_pixels(grey: np.ndarray) -> np.ndarray:
-    """Undoes nearest-neighbour enlargement: an image of k x k blocks becomes one pixel per block.
+    """Undoes nearest-neighbour enlargement, by any factor from 2 to 16, whole or not (8 -> 28 px).
 
     A tiny scan blown up with hard pixels keeps its staircase edges through any smooth
-    resampling; read at its native size it is upsampled smoothly like any tiny scan.
+    resampling; read at its native size it is upsampled smoothly like any tiny scan. An
+    image is taken for an enlargement only when every place its rows and columns change
+    lies on the lattice of one factor, the same along both axes (its aspect is kept).
     """
     h, w = grey.shape
-    if h * w > _REPLICATION_PIXELS:
+    if h * w > _REPLICATION_PIXELS or min(h, w) < 4:
         return grey
-    for k in range(min(h, w, 16), 1, -1):
-        if h % k or w % k:
+    rows = np.flatnonzero((grey[1:] != grey[:-1]).any(axis=1)) + 1
+    if 2 * (rows.size + 1) > h:  # a photo: nearly every row differs from the one above
+        return grey
+    cols = np.flatnonzero((grey[:, 1:] != grey[:, :-1]).any(axis=0)) + 1
+    if 2 * (cols.size + 1) > w:
+        return grey
+    for n in range(max(rows.size + 1, math.ceil(h / 16)), h // 2 + 1):  # fewest native rows first
+        m = round(w * n / h)  # native columns at the same factor
+        if not (cols.size + 1 <= m <= w // 2 and abs(h / n - w / m) <= 0.01 * h / n):
             continue
-        small = grey[::k, ::k]
-        if not np.array_equal(small, grey[k - 1 :: k, k - 1 :: k]):  # cheap: the blocks' opposite corners differ
+        if (h % n or w % m) and h / n < 2.5:  # a lattice finer than that would fit chance edges
             continue
-        if np.array_equal(np.repeat(np.repeat(small, k, axis=0), k, axis=1), grey):
-            return small
+        if _on_lattice(rows, h, n) and _on_lattice(cols, w, m):
+            # The centre of each native pixel's block, inside it whichever rounding made it.
+            return np.ascontiguousarray(grey[((np.arange(n) + 0.5) * h / n).astype(np.intp)]
+                                        [:, ((np.arange(m) + 0.5) * w / m).astype(np.intp)])
     return grey
 
 
@@ -996,10 +1015,10 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     An image that already has MNIST's form (a 28x28 file of an MNIST-style set) is
     returned as it is: resampling it would only blur what the network was trained on.
     """
-    grey = _as_grey(image)
+    grey = _native_pixels(_as_grey(image))
     if _is_mnist_form(grey):
         return np.ascontiguousarray(grey, dtype=np.float32)
-    ink = _segment(_native_pixels(grey))
+    ink = _segment(grey)
     return _layout(ink.soft, ink.mask, ink.box)
 
 
