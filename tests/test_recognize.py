@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import make_workdir
+from hwrjax.apps import preprocess
 from hwrjax.apps.recognize import PreparePool, PreparePoolError, Reading, Recognizer, find_images, prepare_batch
 from hwrjax.cli import predict as cli_predict
 from hwrjax.cli.predict import POOL_MIN_IMAGES, default_workers, predict_main
@@ -99,10 +100,10 @@ def model_probs(rec: Recognizer, crops: np.ndarray) -> np.ndarray:
 
 
 def test_mnist_form_arrays_get_the_models_own_argmax(recognizer):
-    rng = np.random.default_rng(0)
-    arrays = [draw_digit(d) for d in (0, 1, 4, 7)]
-    arrays += [rng.random((28, 28), dtype=np.float32) for _ in range(3)]  # spread the untrained outputs
-    floats = np.stack([a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays])
+    arrays = [draw_digit(d) for d in (0, 1, 4)]
+    arrays += [draw_digit(d, width) for d, width in ((0, 6), (1, 16), (4, 5))]  # spread the untrained outputs
+    floats = np.stack([a.astype(np.float32) / 255.0 for a in arrays])
+    assert all(preprocess.is_mnist_form(f) for f in floats)
     want = model_probs(recognizer, floats)
     for mode in ("digit", "number"):
         readings = recognizer.recognize(arrays, mode=mode)
@@ -115,6 +116,23 @@ def test_mnist_form_arrays_get_the_models_own_argmax(recognizer):
     # (28, 28, 1) and float 0..1 forms read the same as uint8.
     again = recognizer.recognize([floats[0][..., None], floats[0]])
     assert again[0].digits == again[1].digits == [int(want[0].argmax())]
+
+
+def test_a_28x28_array_not_in_mnist_form_reads_like_the_same_pixels_in_a_file(recognizer):
+    # Dark ink on white, or off centre: a user's own 28x28 image, not an MNIST digit. Taken as it is
+    # it would be read wrong (inverted, or out of place); it goes through the preprocessing as a file does.
+    dark, off_centre = 255 - draw_digit(4), draw_digit(7)
+    for array in (dark, off_centre):
+        assert not preprocess.is_mnist_form(array.astype(np.float32) / 255.0)
+        (from_array,) = recognizer.recognize([array], mode="digit")
+        (from_file,) = recognizer.recognize([png_bytes(array)], mode="digit")
+        assert from_array.error is None and from_array.digits == from_file.digits
+        np.testing.assert_allclose(from_array.probs, from_file.probs, atol=1e-6)
+        want = model_probs(recognizer, preprocess.to_mnist(array)[None])[0]
+        np.testing.assert_allclose(from_array.probs[0], want, atol=1e-5)
+    noise = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+    (r,) = recognizer.recognize([noise], mode="digit")
+    assert r.digits == [] and "noise" in r.error
 
 
 def test_reading_fields_for_a_photo(recognizer):

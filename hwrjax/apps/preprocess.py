@@ -56,6 +56,7 @@ __all__ = [
     "NoInkError",
     "MAX_PIXELS",
     "load_image",
+    "is_mnist_form",
     "to_mnist",
     "split_digits",
 ]
@@ -998,8 +999,9 @@ def _native_pixels(grey: np.ndarray) -> np.ndarray:
     return grey
 
 
-def _is_mnist_form(grey: np.ndarray) -> bool:
-    """True for an image already in MNIST's form: 28x28, light ink on black, ink box ~20 px, centred."""
+def is_mnist_form(grey: np.ndarray) -> bool:
+    """True for a grey image in [0, 1] already in MNIST's form: 28x28, light ink on black, ink box ~20 px,
+    centred by mass (every digit of MNIST's test set is)."""
     if grey.shape != (MNIST_SIZE, MNIST_SIZE) or float(_ring(grey, 2).mean()) > 0.05:
         return False
     box = _bbox(grey > 0.1)
@@ -1016,7 +1018,7 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     returned as it is: resampling it would only blur what the network was trained on.
     """
     grey = _native_pixels(_as_grey(image))
-    if _is_mnist_form(grey):
+    if is_mnist_form(grey):
         return np.ascontiguousarray(grey, dtype=np.float32)
     ink = _segment(grey)
     return _layout(ink.soft, ink.mask, ink.box)

@@ -4,10 +4,11 @@
     for r in rec.recognize(["2026.jpg", png_bytes, mnist_array], mode="number"):
         print(r.text, r.probabilities, r.error)
 
-Inputs are paths, bytes, binary streams or numpy arrays. A 28x28 (or 28x28x1) array is
-taken as already in MNIST form (white ink on black, uint8 0..255 or float 0..1) and is
-classified as it is; every other input goes through `hwrjax.apps.preprocess` (`to_mnist` in
-"digit" mode, `split_digits` in "number" mode). All digit crops of a batch are classified
+Inputs are paths, bytes, binary streams or numpy arrays. A 28x28 (or 28x28x1) array already
+in MNIST's form (white ink on black, its ink box about 20 px and centred by mass, as every
+MNIST digit; uint8 0..255 or float 0..1) is classified as it is; every other input, a 28x28
+array of dark ink on white included, goes through `hwrjax.apps.preprocess` (`to_mnist` in
+"digit" mode, `split_digits` in "number" mode), as the same pixels in a file would. All digit crops of a batch are classified
 in one model call, padded to a power-of-two batch size so each size is compiled once.
 """
 
@@ -403,9 +404,11 @@ def prepare_image(image: ImageInput, mode: str = "number", max_digits: int = 12)
     _check_mode(mode)
     if isinstance(image, np.ndarray) or (hasattr(image, "__array__") and not isinstance(image, (bytes, str))):
         array = np.asarray(image)
-        if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
-            return _mnist_form(array.reshape(MNIST_SHAPE))[None]
         grey = array
+        if array.shape in (MNIST_SHAPE, (*MNIST_SHAPE, 1)):
+            grey = _mnist_form(array.reshape(MNIST_SHAPE))
+            if preprocess.is_mnist_form(grey):  # classified as it is, in either mode
+                return grey[None]
     else:
         try:
             grey = preprocess.load_image(image)
