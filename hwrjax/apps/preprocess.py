@@ -94,6 +94,9 @@ _CLEAN_FLOOR = 0.075  # ... and has this share of its paper-to-ink range cut, no
 _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full scale ...
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
+_FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
+_FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side ...
+_FRAME_SIDES = 3  # ... on this many sides (_strip_frame)
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -738,6 +741,71 @@ def _paper_level_and_noise(strength: np.ndarray, ordered: np.ndarray, t: float, 
     return float(_median_sorted(below if below.size else ordered)), _noise(strength, sigma)
 
 
+def _frame_depth(cls: np.ndarray, depth: int) -> int:
+    """How many lines from the edge (rows of `cls`, at most `depth`) are each _FRAME_FULL of the class."""
+    full = cls[:depth].mean(axis=1) >= _FRAME_FULL
+    return depth if full.all() else int(full.argmin())
+
+
+def _frame_side(cls: np.ndarray, depth: int) -> tuple[int, bool]:
+    """One side of a possible frame (its rows from the edge inward): how many lines are of the class
+    (0 when more than `depth` are: a margin, not a line), and whether the lines after them are of the other class for a while and then, across the
+    middle, of the class again (the pattern of a paper margin around a printed box)."""
+    a = _frame_depth(cls, depth + 1)
+    if a > depth:  # wider than a line: a margin
+        return 0, False
+    middle = cls[:, depth : cls.shape[1] - depth]  # clear of the lines along the other sides
+    if a == 0 or a >= cls.shape[0] or middle.shape[1] == 0:
+        return a, False
+    b = _frame_depth(~middle[a:], depth)
+    if b == 0 or a + b >= cls.shape[0]:
+        return a, False
+    return a, bool(middle[a + b].mean() >= _FRAME_FULL)
+
+
+def _strip_frame(grey: np.ndarray) -> np.ndarray:
+    """The inside of a box that the image's edges are lines of: a form's cell cropped on its lines.
+
+    The edge then shows no paper, only lines of ink's colour, and the polarity, the margin and
+    the background all take the line for the paper. A frame is a run of lines from the edge
+    inward, each nearly all of one class (Otsu's), on at least three sides, with mostly the
+    other class inside it and along its inner edge. A digit's own strokes along an edge (the
+    bar of a tight "7") make one or two sides, not three; a photo's paper margin has paper
+    inside it too. Other images are returned as they are.
+    """
+    h, w = grey.shape
+    if min(h, w) < 8:
+        return grey
+    lo, hi = float(grey.min()), float(grey.max())
+    if hi - lo < _MIN_CONTRAST:
+        return grey
+    # Cheap first: at least three edges are each flat, and at one level.
+    levels = []
+    for edge in (grey[0], grey[-1], grey[:, 0], grey[:, -1]):
+        p10, p50, p90 = _percentile_sorted(np.sort(edge), (10, 50, 90))
+        if p90 - p10 < 0.25 * (hi - lo):
+            levels.append(float(p50))
+    levels.sort()
+    close = [levels[i : i + _FRAME_SIDES] for i in range(len(levels) - _FRAME_SIDES + 1)]
+    close = [c for c in close if c[-1] - c[0] <= 0.25 * (hi - lo)]  # three sides at one level
+    if not close:
+        return grey
+    step = max(1, max(h, w) // 64)
+    threshold = _otsu(grey[::step, ::step].ravel())
+    cls = grey > threshold if close[0][1] > threshold else grey <= threshold
+    depth = max(1, round(_FRAME_DEPTH * min(h, w)))
+    sides = [_frame_side(c, depth) for c in (cls, cls[::-1], cls.T, cls.T[::-1])]
+    t, b, l, r = (d for d, _ in sides)
+    # Lines of the edge's class, then of the other, then the edge's class again across the middle:
+    # a margin of paper around a printed box (left to _form_lines), not a frame.
+    if sum(d > 0 for d in (t, b, l, r)) < _FRAME_SIDES or sum(m for _, m in sides) >= 2:
+        return grey
+    inner = cls[t : h - b, l : w - r]
+    if min(inner.shape) < 4 or _share(_ring(inner, 1)) >= 0.5 or _share(inner) >= 0.5:
+        return grey
+    return grey[t : h - b, l : w - r]
+
+
 def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np.ndarray, np.ndarray]:
     """Stretches a faint digital image to the full range: (grey, g), the source and its working copy.
 
@@ -763,6 +831,8 @@ def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np
 def _segment(grey: np.ndarray) -> _Ink:
     """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels."""
     g, upsampled = _to_working_size(grey)
+    if grey.size > _REPLICATION_PIXELS:  # not looked at by _source_pixels: at working size here
+        g = _strip_frame(g)
     grey, g = _stretch_faint(grey, g, upsampled)
     if upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION:
         raise NoInkError(
@@ -978,7 +1048,7 @@ def _native_pixels(grey: np.ndarray) -> np.ndarray:
     lies on the lattice of one factor, the same along both axes (its aspect is kept).
     """
     h, w = grey.shape
-    if h * w > _REPLICATION_PIXELS or min(h, w) < 4:
+    if min(h, w) < 4:
         return grey
     rows = np.flatnonzero((grey[1:] != grey[:-1]).any(axis=1)) + 1
     if 2 * (rows.size + 1) > h:  # a photo: nearly every row differs from the one above
@@ -999,6 +1069,14 @@ def _native_pixels(grey: np.ndarray) -> np.ndarray:
     return grey
 
 
+def _source_pixels(grey: np.ndarray) -> np.ndarray:
+    """The pixels the digit was written in: a frame of box lines cut off (_strip_frame), then a
+    hard-pixel enlargement undone (_native_pixels), for images up to _REPLICATION_PIXELS."""
+    if grey.size > _REPLICATION_PIXELS:
+        return grey
+    return _native_pixels(_strip_frame(grey))
+
+
 def is_mnist_form(grey: np.ndarray) -> bool:
     """True for a grey image in [0, 1] already in MNIST's form: 28x28, light ink on black, ink box ~20 px,
     centred by mass (every digit of MNIST's test set is)."""
@@ -1017,7 +1095,7 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     An image that already has MNIST's form (a 28x28 file of an MNIST-style set) is
     returned as it is: resampling it would only blur what the network was trained on.
     """
-    grey = _native_pixels(_as_grey(image))
+    grey = _source_pixels(_as_grey(image))
     if is_mnist_form(grey):
         return np.ascontiguousarray(grey, dtype=np.float32)
     ink = _segment(grey)
@@ -1220,7 +1298,7 @@ def split_digits(image: np.ndarray, max_digits: int = 12) -> list[np.ndarray]:
     """
     if max_digits < 1:
         raise ValueError(f"max_digits must be >= 1, got {max_digits}")
-    ink = _segment(_native_pixels(_as_grey(image)))
+    ink = _segment(_source_pixels(_as_grey(image)))
     if ink.count > 5 * max_digits + 20:  # grouping compares every pair of marks
         raise ImageError(
             f"found {ink.count} separate marks, too many for a number of at most {max_digits} "

@@ -118,6 +118,31 @@ def _form_box(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.ndar
     return render
 
 
+def _form_cell(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """Dark ink in a form's box cropped on its lines: the lines are the image's edges (4 sides, or 3 with
+    the top open), no paper outside them."""
+
+    def render(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        digit = tight_crop(d, int(rng.integers(24, 48)))
+        h, w = digit.shape
+        size = int(max(h, w) * rng.uniform(1.15, 1.35))
+        ink = np.zeros((size, size), np.float32)
+        top = min(max(0, (size - h) // 2 + int(rng.integers(-2, 3))), size - h)
+        left = min(max(0, (size - w) // 2 + int(rng.integers(-3, 4))), size - w)
+        ink[top : top + h, left : left + w] = digit
+        t = int(rng.integers(1, 4))
+        lines = np.zeros_like(ink)
+        lines[-t:] = lines[:, :t] = lines[:, -t:] = 1
+        if sides == 4:
+            lines[:t] = 1
+        paper = rng.uniform(0.85, 1.0)
+        grey = paper - (paper - rng.uniform(0.0, 0.25)) * np.maximum(ink, 0.7 * lines)
+        grey += rng.normal(0, 0.02, grey.shape)
+        return _u8(grey)
+
+    return render
+
+
 def _stained(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A scanned tight-ish crop: specks, a soft stain and scanner noise on light paper."""
     digit = tight_crop(d, int(rng.integers(24, 40)))
@@ -151,6 +176,8 @@ FORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "pixelated64": _pixelated,
     "form_box": _form_box(4),
     "form_corner": _form_box(2),
+    "form_cell": _form_cell(4),
+    "form_cell_open_top": _form_cell(3),
     "stained": _stained,
 }
 
