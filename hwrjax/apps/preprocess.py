@@ -7,10 +7,19 @@ pixel (14, 14) (row, column; so the centre of mass lies in [13.5, 14.5]).
 A photo of a digit on paper is dark ink on light, unevenly lit, noisy paper.
 
 Pipeline (`to_mnist`):
+  0. the pixels the digit was written in: a frame of box lines at the image's
+     edges (a form's cell cropped on its lines) is cut off, and a hard-pixel
+     (nearest-neighbour) enlargement by any factor from 2 to 16 is undone;
+     an image already in MNIST's form is returned as it is;
   1. grey conversion; large inputs are area-downscaled to a working size of
-     about `WORK_PIXELS` pixels for segmentation;
+     about `WORK_PIXELS` pixels for segmentation, tiny ones (8x8 and up)
+     upsampled to `MIN_WORK_SIDE`; a faint digital image (its paper one exact
+     value at an end of a narrow range: levels 0..16 stored unscaled) is
+     stretched to the full range;
   2. polarity: the paper is taken to be the median of a thin border ring; the
-     ink is the side (darker or lighter) with the larger extreme deviation;
+     ink is the side (darker or lighter) with the larger extreme deviation; a
+     tight crop, whose ring is partly ink, is judged by its pieces instead,
+     and gets a margin of paper;
   3. background removal: a grey-level morphological opening of the
      ink-positive image (window = half the shorter side) follows smooth
      lighting gradients but not strokes; it is subtracted;
