@@ -105,7 +105,7 @@ _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
 _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side ...
-_FRAME_SIDES = 3  # ... on this many sides (_strip_frame)
+_FRAME_SIDES = 2  # ... on this many sides (_strip_frame)
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -756,31 +756,34 @@ def _frame_depth(cls: np.ndarray, depth: int) -> int:
     return depth if full.all() else int(full.argmin())
 
 
-def _frame_side(cls: np.ndarray, depth: int) -> tuple[int, bool]:
+def _frame_side(cls: np.ndarray, depth: int) -> tuple[int, int, bool]:
     """One side of a possible frame (its rows from the edge inward): how many lines are of the class
-    (0 when more than `depth` are: a margin, not a line), and whether the lines after them are of the other class for a while and then, across the
-    middle, of the class again (the pattern of a paper margin around a printed box)."""
+    (0 when more than `depth` are: a margin, not a line); how many after them are of the other
+    class across the middle (a gap); and whether the class comes back across the middle after
+    that gap (the pattern of a paper margin around a printed box's line)."""
     a = _frame_depth(cls, depth + 1)
     if a > depth:  # wider than a line: a margin
-        return 0, False
+        return 0, 0, False
     middle = cls[:, depth : cls.shape[1] - depth]  # clear of the lines along the other sides
     if a == 0 or a >= cls.shape[0] or middle.shape[1] == 0:
-        return a, False
+        return a, 0, False
     b = _frame_depth(~middle[a:], depth)
     if b == 0 or a + b >= cls.shape[0]:
-        return a, False
-    return a, bool(middle[a + b].mean() >= _FRAME_FULL)
+        return a, b, False
+    return a, b, bool(middle[a + b].mean() >= _FRAME_FULL)
 
 
 def _strip_frame(grey: np.ndarray) -> np.ndarray:
     """The inside of a box that the image's edges are lines of: a form's cell cropped on its lines.
 
     The edge then shows no paper, only lines of ink's colour, and the polarity, the margin and
-    the background all take the line for the paper. A frame is a run of lines from the edge
-    inward, each nearly all of one class (Otsu's), on at least three sides, with mostly the
-    other class inside it and along its inner edge. A digit's own strokes along an edge (the
-    bar of a tight "7") make one or two sides, not three; a photo's paper margin has paper
-    inside it too. Other images are returned as they are.
+    the background all take the line for the paper. A frame is a run of thin lines from the edge
+    inward, each nearly all of one class (Otsu's), with mostly the other class inside it and
+    along its inner edge: on three or four sides, or on two (an L, a comb field's separators)
+    with the open edges showing the other class and one line clear of the digit. A digit's own
+    stroke along an edge (the bar of a tight "7") touches the rest of the digit; a paper margin
+    around a printed box has the box's line after it, and paper again. Other images are returned
+    as they are.
     """
     h, w = grey.shape
     if min(h, w) < 8:
@@ -788,7 +791,7 @@ def _strip_frame(grey: np.ndarray) -> np.ndarray:
     lo, hi = float(grey.min()), float(grey.max())
     if hi - lo < _MIN_CONTRAST:
         return grey
-    # Cheap first: at least three edges are each flat, and at one level.
+    # Cheap first: at least two edges are each flat, and at one level.
     levels = []
     for edge in (grey[0], grey[-1], grey[:, 0], grey[:, -1]):
         p10, p50, p90 = _percentile_sorted(np.sort(edge), (10, 50, 90))
@@ -796,23 +799,47 @@ def _strip_frame(grey: np.ndarray) -> np.ndarray:
             levels.append(float(p50))
     levels.sort()
     close = [levels[i : i + _FRAME_SIDES] for i in range(len(levels) - _FRAME_SIDES + 1)]
-    close = [c for c in close if c[-1] - c[0] <= 0.25 * (hi - lo)]  # three sides at one level
+    close = [c for c in close if c[-1] - c[0] <= 0.25 * (hi - lo)]  # sides at one level
     if not close:
         return grey
     step = max(1, max(h, w) // 64)
     threshold = _otsu(grey[::step, ::step].ravel())
-    cls = grey > threshold if close[0][1] > threshold else grey <= threshold
     depth = max(1, round(_FRAME_DEPTH * min(h, w)))
-    sides = [_frame_side(c, depth) for c in (cls, cls[::-1], cls.T, cls.T[::-1])]
-    t, b, l, r = (d for d, _ in sides)
+    # Lines on two sides may be dark while the two open sides show light paper, or the other way
+    # round: each level that edges share is tried as the lines' class.
+    for bright in dict.fromkeys(c[1] > threshold for c in close):
+        box = _frame_box(grey > threshold if bright else grey <= threshold, depth)
+        if box is not None:
+            t, b, l, r = box
+            return grey[t : h - b, l : w - r]
+    return grey
+
+
+def _frame_box(cls: np.ndarray, depth: int) -> tuple[int, int, int, int] | None:
+    """How many lines of `cls` frame the image at its top, bottom, left and right (_strip_frame), or
+    None when they make no frame."""
+    h, w = cls.shape
+    oriented = (cls, cls[::-1], cls.T, cls.T[::-1])
+    sides = [_frame_side(c, depth) for c in oriented]
+    t, b, l, r = (d for d, _, _ in sides)
+    lined = sum(d > 0 for d in (t, b, l, r))
     # Lines of the edge's class, then of the other, then the edge's class again across the middle:
     # a margin of paper around a printed box (left to _form_lines), not a frame.
-    if sum(d > 0 for d in (t, b, l, r)) < _FRAME_SIDES or sum(m for _, m in sides) >= 2:
-        return grey
+    if lined < _FRAME_SIDES or sum(m for _, _, m in sides) >= 2:
+        return None
+    if lined == 2:
+        # Two lines only (an L, or a comb field's separators left and right): the open edges, clear
+        # of the lines, show mostly the other class (the paper), and one line at least is clear of
+        # the digit by a gap of it (the digit may touch the other). A tight "7" has its bar and
+        # stroke at a corner with no gap, a tight "1" ink across its ends.
+        if not any(gap > 0 for d, gap, _ in sides if d > 0) or any(
+            _share(c[0, depth:-depth]) >= 0.5 for (d, _, _), c in zip(sides, oriented) if d == 0
+        ):
+            return None
     inner = cls[t : h - b, l : w - r]
     if min(inner.shape) < 4 or _share(_ring(inner, 1)) >= 0.5 or _share(inner) >= 0.5:
-        return grey
-    return grey[t : h - b, l : w - r]
+        return None
+    return t, b, l, r
 
 
 def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np.ndarray, np.ndarray]:

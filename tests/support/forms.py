@@ -118,9 +118,10 @@ def _form_box(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.ndar
     return render
 
 
-def _form_cell(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-    """Dark ink in a form's box cropped on its lines: the lines are the image's edges (4 sides, or 3 with
-    the top open), no paper outside them."""
+def _form_cell(sides: str) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """Dark ink in a form's box cropped on its lines: the lines are the image's edges (`sides` of
+    "tblr": all four, the top open, only a comb field's separators left and right, or the corner
+    of a grid's bottom and left lines), no paper outside them."""
 
     def render(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         digit = tight_crop(d, int(rng.integers(24, 48)))
@@ -132,9 +133,9 @@ def _form_cell(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.nda
         ink[top : top + h, left : left + w] = digit
         t = int(rng.integers(1, 4))
         lines = np.zeros_like(ink)
-        lines[-t:] = lines[:, :t] = lines[:, -t:] = 1
-        if sides == 4:
-            lines[:t] = 1
+        for side, band in zip("tblr", (np.s_[:t], np.s_[-t:], np.s_[:, :t], np.s_[:, -t:])):
+            if side in sides:
+                lines[band] = 1
         paper = rng.uniform(0.85, 1.0)
         grey = paper - (paper - rng.uniform(0.0, 0.25)) * np.maximum(ink, 0.7 * lines)
         grey += rng.normal(0, 0.02, grey.shape)
@@ -176,8 +177,10 @@ FORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "pixelated64": _pixelated,
     "form_box": _form_box(4),
     "form_corner": _form_box(2),
-    "form_cell": _form_cell(4),
-    "form_cell_open_top": _form_cell(3),
+    "form_cell": _form_cell("tblr"),
+    "form_cell_open_top": _form_cell("blr"),
+    "form_cell_comb": _form_cell("lr"),
+    "form_cell_corner": _form_cell("bl"),
     "stained": _stained,
 }
 
