@@ -104,8 +104,8 @@ _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
-_FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side ...
-_FRAME_SIDES = 2  # ... on this many sides (_strip_frame)
+_FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame); with a
+_OPEN_EDGE = 0.05  # ... line on one side only, the other edges hold at most this share of it
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -779,11 +779,12 @@ def _strip_frame(grey: np.ndarray) -> np.ndarray:
     The edge then shows no paper, only lines of ink's colour, and the polarity, the margin and
     the background all take the line for the paper. A frame is a run of thin lines from the edge
     inward, each nearly all of one class (Otsu's), with mostly the other class inside it and
-    along its inner edge: on three or four sides, or on two (an L, a comb field's separators)
-    with the open edges showing the other class and one line clear of the digit. A digit's own
-    stroke along an edge (the bar of a tight "7") touches the rest of the digit; a paper margin
-    around a printed box has the box's line after it, and paper again. Other images are returned
-    as they are.
+    along its inner edge: on three or four sides; on two (an L, a comb field's separators) with
+    the open edges showing the other class and one line clear of the digit; or on one (the line
+    the digit is written on) with the three other edges showing nothing else. A digit's own
+    stroke along an edge (the bar of a tight "7") touches the rest of the digit and its other
+    edges; a paper margin around a printed box has the box's line after it, and paper again.
+    Other images are returned as they are.
     """
     h, w = grey.shape
     if min(h, w) < 8:
@@ -791,23 +792,21 @@ def _strip_frame(grey: np.ndarray) -> np.ndarray:
     lo, hi = float(grey.min()), float(grey.max())
     if hi - lo < _MIN_CONTRAST:
         return grey
-    # Cheap first: at least two edges are each flat, and at one level.
+    # Cheap first: an edge is flat (a line, or paper).
     levels = []
     for edge in (grey[0], grey[-1], grey[:, 0], grey[:, -1]):
         p10, p50, p90 = _percentile_sorted(np.sort(edge), (10, 50, 90))
         if p90 - p10 < 0.25 * (hi - lo):
             levels.append(float(p50))
-    levels.sort()
-    close = [levels[i : i + _FRAME_SIDES] for i in range(len(levels) - _FRAME_SIDES + 1)]
-    close = [c for c in close if c[-1] - c[0] <= 0.25 * (hi - lo)]  # sides at one level
-    if not close:
+    if not levels:
         return grey
+    levels.sort()
     step = max(1, max(h, w) // 64)
     threshold = _otsu(grey[::step, ::step].ravel())
     depth = max(1, round(_FRAME_DEPTH * min(h, w)))
-    # Lines on two sides may be dark while the two open sides show light paper, or the other way
-    # round: each level that edges share is tried as the lines' class.
-    for bright in dict.fromkeys(c[1] > threshold for c in close):
+    # Lines may be dark while the open edges show light paper, or the other way round: the class of
+    # each flat edge is tried as the lines'.
+    for bright in dict.fromkeys(level > threshold for level in levels):
         box = _frame_box(grey > threshold if bright else grey <= threshold, depth)
         if box is not None:
             t, b, l, r = box
@@ -825,7 +824,12 @@ def _frame_box(cls: np.ndarray, depth: int) -> tuple[int, int, int, int] | None:
     lined = sum(d > 0 for d in (t, b, l, r))
     # Lines of the edge's class, then of the other, then the edge's class again across the middle:
     # a margin of paper around a printed box (left to _form_lines), not a frame.
-    if lined < _FRAME_SIDES or sum(m for _, _, m in sides) >= 2:
+    if lined == 0 or sum(m for _, _, m in sides) >= 2:
+        return None
+    if lined == 1 and any(_share(c[0, depth:-depth]) > _OPEN_EDGE for (d, _, _), c in zip(sides, oriented) if d == 0):
+        # One line (the one a digit is written on): the other three edges show paper only, clear
+        # of the line's ends. A tight crop's ink reaches every edge; the base of a "2" or the bar
+        # of a "7" spans one edge only when the digit touches the edges beside it.
         return None
     if lined == 2:
         # Two lines only (an L, or a comb field's separators left and right): the open edges, clear

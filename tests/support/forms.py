@@ -120,8 +120,8 @@ def _form_box(sides: int) -> Callable[[np.ndarray, np.random.Generator], np.ndar
 
 def _form_cell(sides: str) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
     """Dark ink in a form's box cropped on its lines: the lines are the image's edges (`sides` of
-    "tblr": all four, the top open, only a comb field's separators left and right, or the corner
-    of a grid's bottom and left lines), no paper outside them."""
+    "tblr": all four, the top open, only a comb field's separators left and right, the corner
+    of a grid's bottom and left lines, or the line the digit is written on), no paper outside them."""
 
     def render(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         digit = tight_crop(d, int(rng.integers(24, 48)))
@@ -181,6 +181,7 @@ FORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "form_cell_open_top": _form_cell("blr"),
     "form_cell_comb": _form_cell("lr"),
     "form_cell_corner": _form_cell("bl"),
+    "form_cell_baseline": _form_cell("b"),
     "stained": _stained,
 }
 
