@@ -576,8 +576,9 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     around a digit that touches the frame in a few places. Then the ink is the side
     (darker or lighter) with the larger extreme deviation from that paper. When much of
     the ring lies past the middle between paper and ink (a tight crop whose strokes run
-    along its edges) the ring cannot tell, and the ink is the level that covers less of
-    the image.
+    along its edges) the ring cannot tell, unless one edge is a solid line and the three
+    others show the paper; else the ink is the side cut into fewer pieces, or covering less
+    of the image.
     """
     h, w = grey.shape
     smooth = _gaussian(grey, 1.0) if min(h, w) >= 8 else grey
@@ -590,6 +591,17 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     middle = paper + 0.5 * (lighter if light else -darker)
     inky_ring = _share(ring > middle if light else ring < middle)
     if inky_ring > _MIXED_RING and hi - lo > _MIN_CONTRAST:
+        # One edge a solid line of one level (the line a digit is written on, the bar of a tight
+        # "7"): the paper is what the three others show, if they show little else.
+        edges = (smooth[:bw], smooth[-bw:], smooth[:, :bw], smooth[:, -bw:])
+        solid = [_share(e > middle if light else e < middle) >= _FRAME_FULL for e in edges]
+        if sum(solid) == 1:
+            rest = np.sort(np.concatenate([e.ravel() for e, s in zip(edges, solid) if not s]))
+            paper = float(_median_sorted(rest))
+            light = float(hi) - paper > paper - float(lo)
+            middle = paper + 0.5 * ((float(hi) - paper) if light else (float(lo) - paper))
+            if _share(rest > middle if light else rest < middle) <= _MIXED_RING:
+                return light
         bright = smooth > 0.5 * (float(lo) + float(hi))
         # A digit's ink is one or two strokes; the paper is cut into pieces by them (the
         # hole of a 0, the corners around a 1). Fewer pieces, else less area, is the ink.
