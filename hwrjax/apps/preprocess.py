@@ -840,8 +840,8 @@ def _frame_box(cls: np.ndarray, depth: int) -> tuple[int, int, int, int] | None:
         return None
     if lined == 1 and any(_share(c[0, depth:-depth]) > _OPEN_EDGE for (d, _, _), c in zip(sides, oriented) if d == 0):
         # One line (the one a digit is written on): the other three edges show paper only, clear
-        # of the line's ends. A tight crop's ink reaches every edge; the base of a "2" or the bar
-        # of a "7" spans one edge only when the digit touches the edges beside it.
+        # of the line's ends. A tight crop's ink reaches every edge: the base of a "2" or the bar
+        # of a "7" lies along one, and the rest of the digit reaches the others.
         return None
     if lined == 2:
         # Two lines only (an L, or a comb field's separators left and right): the open edges, clear
