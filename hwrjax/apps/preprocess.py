@@ -1147,7 +1147,12 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     An image that already has MNIST's form (a 28x28 file of an MNIST-style set) is
     returned as it is: resampling it would only blur what the network was trained on.
     """
-    grey = _source_pixels(_as_grey(image))
+    grey = _as_grey(image)
+    # Checked first, since it is what a folder of MNIST-style files holds: a black border has no box
+    # lines to cut (_strip_frame leaves all 70,000 of MNIST's digits as they are), and an enlarged
+    # scan is still undone.
+    if not (is_mnist_form(grey) and _native_pixels(grey) is grey):
+        grey = _source_pixels(grey)
     if is_mnist_form(grey):
         return np.ascontiguousarray(grey, dtype=np.float32)
     ink = _segment(grey)
