@@ -534,6 +534,18 @@ def test_a_digit_on_its_baseline_touching_the_top_keeps_its_polarity(kind):
 
 
 @pytest.mark.parametrize("kind", _KINDS)
+def test_an_mnist_style_file_is_read_as_it_is_even_enlarged(kind):
+    # A 28x28 file of an MNIST-style set is what the network was trained on: its pixels come back
+    # as they are, from the file and from the same file enlarged 2x or 3x with hard pixels.
+    digit = np.round(mnist_like(kind) * 255).astype(np.uint8)
+    assert preprocess.is_mnist_form(digit.astype(np.float32) / 255.0)
+    for factor in (1, 2, 3):
+        image = Image.fromarray(np.kron(digit, np.ones((factor, factor), np.uint8)))
+        out = to_mnist(load_image(_png_bytes(image)))
+        np.testing.assert_array_equal(out, digit.astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("kind", _KINDS)
 def test_digit_stretched_to_fill_its_box_fills_the_mnist_box(kind):
     image = _render("stretched16", kind)
     out = to_mnist(image)
