@@ -482,7 +482,8 @@ def test_only_a_crop_on_box_lines_loses_its_frame(kind):
             image = _render(form, kind, seed)
             grey = preprocess._as_grey(image)
             inside = preprocess._strip_frame(grey)
-            lined = {"form_cell_comb": "lr", "form_cell_corner": "bl", "form_cell_baseline": "b"}.get(form, "blr")
+            lined = {"form_cell": "tblr", "form_cell_open_top": "blr", "form_cell_comb": "lr",
+                     "form_cell_corner": "bl", "form_cell_baseline": "b"}[form]
             assert (inside.shape[0] < grey.shape[0]) == ("b" in lined), (form, seed)
             assert (inside.shape[1] < grey.shape[1]) == ("l" in lined), (form, seed)
             assert corr1(to_mnist(image), mnist_like(kind)) > 0.85, (form, seed)

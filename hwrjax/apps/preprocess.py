@@ -104,8 +104,9 @@ _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
-_FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame); with a
-_OPEN_EDGE = 0.05  # ... line on one side only, the other edges hold at most this share of it
+_FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame)
+_OPEN_EDGE = 0.05  # a frame of one line: the other edges hold at most this share of its class
+_OPEN_EDGES = 0.5  # a frame of two lines: the open edges hold less than this share of it
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -812,7 +813,7 @@ def _strip_frame(grey: np.ndarray) -> np.ndarray:
             levels.append(float(p50))
     if not levels:
         return grey
-    levels.sort()
+    levels.sort()  # the darker class is tried first
     step = max(1, max(h, w) // 64)
     threshold = _otsu(grey[::step, ::step].ravel())
     depth = max(1, round(_FRAME_DEPTH * min(h, w)))
@@ -838,20 +839,19 @@ def _frame_box(cls: np.ndarray, depth: int) -> tuple[int, int, int, int] | None:
     # a margin of paper around a printed box (left to _form_lines), not a frame.
     if lined == 0 or sum(m for _, _, m in sides) >= 2:
         return None
-    if lined == 1 and any(_share(c[0, depth:-depth]) > _OPEN_EDGE for (d, _, _), c in zip(sides, oriented) if d == 0):
-        # One line (the one a digit is written on): the other three edges show paper only, clear
-        # of the line's ends. A tight crop's ink reaches every edge: the base of a "2" or the bar
-        # of a "7" lies along one, and the rest of the digit reaches the others.
+    # The share of the class along each edge without a line, clear of the lines' ends.
+    open_edges = [_share(c[0, depth:-depth]) for (d, _, _), c in zip(sides, oriented) if d == 0]
+    if lined == 1 and max(open_edges) > _OPEN_EDGE:
+        # One line (the one a digit is written on): the other three edges show paper only. A
+        # tight crop's ink reaches every edge: the base of a "2" or the bar of a "7" lies along
+        # one, and the rest of the digit reaches the others.
         return None
-    if lined == 2:
-        # Two lines only (an L, or a comb field's separators left and right): the open edges, clear
-        # of the lines, show mostly the other class (the paper), and one line at least is clear of
-        # the digit by a gap of it (the digit may touch the other). A tight "7" has its bar and
-        # stroke at a corner with no gap, a tight "1" ink across its ends.
-        if not any(gap > 0 for d, gap, _ in sides if d > 0) or any(
-            _share(c[0, depth:-depth]) >= 0.5 for (d, _, _), c in zip(sides, oriented) if d == 0
-        ):
-            return None
+    if lined == 2 and (max(open_edges) >= _OPEN_EDGES or not any(gap > 0 for d, gap, _ in sides if d > 0)):
+        # Two lines only (an L, or a comb field's separators left and right): the open edges show
+        # mostly the other class (the paper), and one line at least is clear of the digit by a gap
+        # of it (the digit may touch the other). A tight "7" has its bar and stroke at a corner
+        # with no gap, a tight "1" ink across its ends.
+        return None
     inner = cls[t : h - b, l : w - r]
     if min(inner.shape) < 4 or _share(_ring(inner, 1)) >= 0.5 or _share(inner) >= 0.5:
         return None
@@ -1151,9 +1151,11 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     # Checked first, since it is what a folder of MNIST-style files holds: a black border has no box
     # lines to cut (_strip_frame leaves all 70,000 of MNIST's digits as they are), and an enlarged
     # scan is still undone.
-    if not (is_mnist_form(grey) and _native_pixels(grey) is grey):
+    mnist = is_mnist_form(grey) and _native_pixels(grey) is grey
+    if not mnist:
         grey = _source_pixels(grey)
-    if is_mnist_form(grey):
+        mnist = is_mnist_form(grey)
+    if mnist:
         return np.ascontiguousarray(grey, dtype=np.float32)
     ink = _segment(grey)
     return _layout(ink.soft, ink.mask, ink.box)
