@@ -508,7 +508,8 @@ def test_a_digit_touching_one_separator_of_a_comb_field_loses_both(kind):
     for width in (1, 2, 3):
         ink = np.zeros((36, 36), np.float32)
         ink[(36 - h) // 2 : (36 - h) // 2 + h, width : width + w] = digit
-        ink[:, :width] = ink[:, -width:] = np.maximum(ink[:, :width], 0.7)
+        ink[:, :width] = np.maximum(ink[:, :width], 0.7)  # the separator the digit touches
+        ink[:, -width:] = 0.7
         image = np.clip(np.round(255 * (0.95 - 0.85 * ink)), 0, 255).astype(np.uint8)
         for im in (image, 255 - image):
             assert preprocess._strip_frame(preprocess._as_grey(im)).shape == (36, 36 - 2 * width), width
