@@ -108,7 +108,8 @@ _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_f
 _OPEN_EDGE = 0.05  # a frame of one line: the other edges hold at most this share of its class
 _OPEN_EDGES = 0.5  # a frame of two lines: the open edges hold less than this share of it
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
-_MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less is noise
+_MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less ...
+_MIN_ALTERNATION = 0.3  # ... and whose pixels two apart anti-correlate less than this is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
 _LINE_COVER = 0.9  # a form line covers this share of the ink's extent along it ...
 _LINE_THIN = 0.08  # ... is at most this share of the extent across it thick ...
@@ -656,6 +657,22 @@ def _neighbour_correlation(a: np.ndarray) -> float:
     return max(float(across.sum()) / across.size, float(along.sum()) / along.size) / var
 
 
+def _alternation(a: np.ndarray) -> float:
+    """How strongly pixels two apart, down or across, are opposed: minus their lower correlation.
+
+    A digit drawn with strokes one pixel wide (an "8" in 8x5 px: stroke, paper, stroke) has
+    neighbours as unrelated as noise's, but a stroke two pixels on is paper and the next is
+    stroke again; noise's pixels are as unrelated two apart as one apart. 0 for a flat image
+    or one under 3 px on a side.
+    """
+    d = a.astype(np.float64) - float(a.dtype.type(float(a.sum()) / a.size))
+    var = float((d * d).sum()) / d.size
+    if var < 1e-12 or min(a.shape) < 3:
+        return 0.0
+    down, across = d[2:] * d[:-2], d[:, 2:] * d[:, :-2]
+    return -min(float(down.sum()) / down.size, float(across.sum()) / across.size) / var
+
+
 def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     """Gives a tight crop (ink touching the frame) a margin of paper, as a photo has.
 
@@ -886,7 +903,8 @@ def _segment(grey: np.ndarray) -> _Ink:
     if grey.size > _REPLICATION_PIXELS:  # not looked at by _source_pixels: at working size here
         g = _strip_frame(g)
     grey, g = _stretch_faint(grey, g, upsampled)
-    if upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION:
+    if (upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION
+            and _alternation(grey) < _MIN_ALTERNATION):
         raise NoInkError(
             "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
             "pass an image of a handwritten digit"
