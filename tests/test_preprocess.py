@@ -667,6 +667,20 @@ def test_a_tiny_digit_drawn_with_one_pixel_strokes_is_not_taken_for_noise():
         assert corr(out, forms.classic_normalize(eight)) > 0.7
 
 
+def test_a_tiny_one_two_pixels_wide_and_all_stroke_is_read_as_a_stroke():
+    # An 8 px scan of a "1" is 2 px wide and every pixel is stroke: no paper shows on its border,
+    # and the background found under it was the stroke itself (before: corr 0.36, a blot).
+    one = _render("tight8", "1")
+    assert one.shape == (8, 2) and one.min() > 80
+    for image in (one, 255 - one):
+        out = to_mnist(image)
+        assert corr1(out, mnist_like("1")) > 0.8
+        height, width = ink_box(out, 0.3)
+        assert height >= 18 and width <= 6
+    with pytest.raises(NoInkError):  # a flat strip shows no stroke
+        to_mnist(np.full((8, 2), 200, np.uint8))
+
+
 def test_most_tiny_noise_is_still_refused():
     # An 8x8 image of noise can look like a digit by chance; most must not (1,000 seeds on the
     # same path: 89% refused before pixels two apart were looked at, 85% after).

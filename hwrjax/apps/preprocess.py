@@ -108,6 +108,7 @@ _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_f
 _OPEN_EDGE = 0.05  # a frame of one line: the other edges hold at most this share of its class
 _OPEN_EDGES = 0.5  # a frame of two lines: the open edges hold less than this share of it
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
+_STRIP = (8, 32)  # a scan 2 px across and 8-32 px long is one stroke of a tiny "1", no paper
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less ...
 _MIN_ALTERNATION = 0.3  # ... and whose pixels two apart anti-correlate less than this is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
@@ -897,6 +898,27 @@ def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np
     return (grey - lo) / span, np.clip((g - lo) / span, 0.0, 1.0)
 
 
+def _strip_on_paper(grey: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """A scan 2 px across and 8-32 px long put on paper, and whether its ink is light; else None.
+
+    Such a crop is one stroke along its length (a tight "1" from an 8 px scan), and the stroke
+    fills it from side to side: the ring that shows the paper around any other digit is all
+    stroke, and the background found under it is the stroke itself. The ink is the level most
+    of it holds (the side of the middle of its range that its median lies on), and the paper,
+    which no pixel shows, is the end of the scale on the other side, as a digital scan leaves it.
+    A flat strip stays refused (no contrast), and a 1 px line or a long one is no tiny digit.
+    """
+    short, long = sorted(grey.shape)
+    lo, hi = float(grey.min()), float(grey.max())
+    if short != 2 or not _STRIP[0] <= long <= _STRIP[1] or hi - lo < _MIN_CONTRAST:
+        return None
+    light = float(np.median(grey)) > 0.5 * (lo + hi)
+    pad = long // 4
+    out = np.full((grey.shape[0] + 2 * pad, grey.shape[1] + 2 * pad), 0.0 if light else 1.0, grey.dtype)
+    out[pad:-pad, pad:-pad] = grey
+    return out, light
+
+
 def _segment(grey: np.ndarray) -> _Ink:
     """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels."""
     g, upsampled = _to_working_size(grey)
@@ -909,7 +931,12 @@ def _segment(grey: np.ndarray) -> _Ink:
             "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
             "pass an image of a handwritten digit"
         )
-    light = _ink_is_light(g)
+    strip = _strip_on_paper(grey) if upsampled else None
+    if strip is None:
+        light = _ink_is_light(g)
+    else:
+        grey, light = strip
+        g, _ = _to_working_size(grey)
     ink_pos = g if light else 1.0 - g  # ink high, paper low
     ink_pos = _add_margin(ink_pos)
     pad = (ink_pos.shape[0] - g.shape[0]) // 2  # the margin added on every side, 0 for none
