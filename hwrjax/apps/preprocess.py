@@ -103,6 +103,8 @@ _CLEAN_FLOOR = 0.075  # ... and has this share of its paper-to-ink range cut, no
 _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full scale ...
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
+_FLAT_TOLERANCE = 0.03  # levels within this share of the range from its end count as lying flat there
+_TINY = 8  # a scan at most this many px on a side has strokes one pixel wide
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
 _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame)
 _OPEN_EDGE = 0.05  # a frame of one line: the other edges hold at most this share of its class
@@ -572,7 +574,7 @@ def _erode3(mask: np.ndarray) -> np.ndarray:
     return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
 
 
-def _ink_is_light(grey: np.ndarray) -> bool:
+def _ink_is_light(grey: np.ndarray, tiny: bool = False) -> bool:
     """True for light ink on dark paper (MNIST polarity), False for dark ink on light.
 
     The paper is what most of the border ring shows: a photo's margin, or the background
@@ -581,7 +583,8 @@ def _ink_is_light(grey: np.ndarray) -> bool:
     the ring lies past the middle between paper and ink (a tight crop whose strokes run
     along its edges) the ring cannot tell, unless one edge is a solid line and the three
     others show the paper; else the ink is the side cut into fewer pieces, or covering less
-    of the image.
+    of the image; in a `tiny` scan (at most _TINY px on a side) where the two disagree, the side
+    that lies flat at its end of the scale, as blank paper does, is the paper.
     """
     h, w = grey.shape
     smooth = _gaussian(grey, 1.0) if min(h, w) >= 8 else grey
@@ -609,10 +612,32 @@ def _ink_is_light(grey: np.ndarray) -> bool:
         # A digit's ink is one or two strokes; the paper is cut into pieces by them (the
         # hole of a 0, the corners around a 1). Fewer pieces, else less area, is the ink.
         pieces = [_count_regions(bright), _count_regions(~bright)]
-        if pieces[0] != pieces[1]:
-            return pieces[0] < pieces[1]
-        return _share(bright) < 0.5
+        less = _share(bright) < 0.5
+        if pieces[0] == pieces[1]:
+            return less
+        fewer = pieces[0] < pieces[1]
+        if tiny and fewer != less:
+            # In a scan of 8 px a stroke is one pixel wide and breaks where it crosses pixels
+            # at a slant, so the count of pieces misleads; the paper a digital scan leaves
+            # blank lies flat at one end of the scale, where a stroke's levels vary.
+            flat = _flat_end(grey)
+            if flat is not None:
+                return flat
+        return fewer
     return light
+
+
+def _flat_end(a: np.ndarray) -> bool | None:
+    """True if a quarter or more of the image lies flat at its dark end and the bright end holds a
+    quarter as many pixels or fewer (the paper is dark: light ink); False for the reverse; else None."""
+    lo, hi = float(a.min()), float(a.max())
+    tol = _FLAT_TOLERANCE * (hi - lo)
+    dark, bright = _share(a <= lo + tol), _share(a >= hi - tol)
+    if dark >= _FLAT_PAPER and bright <= _FLAT_PAPER * dark:
+        return True
+    if bright >= _FLAT_PAPER and dark <= _FLAT_PAPER * bright:
+        return False
+    return None
 
 
 def _count_regions(mask: np.ndarray) -> int:
@@ -933,7 +958,7 @@ def _segment(grey: np.ndarray) -> _Ink:
         )
     strip = _strip_on_paper(grey) if upsampled else None
     if strip is None:
-        light = _ink_is_light(g)
+        light = _ink_is_light(g, tiny=max(grey.shape) <= _TINY)
     else:
         grey, light = strip
         g, _ = _to_working_size(grey)
