@@ -392,9 +392,9 @@ class _Ink:
     mask: np.ndarray  # bool binarized ink, specks removed
     labels: np.ndarray  # int32 connected-component labels of `mask` (8-connected)
     count: int  # number of components in `labels`
-    # The ink's box in `soft`'s pixels (end-exclusive), measured on the source pixels of a clean
-    # tiny scan (see _source_box); None: the layout takes it from `soft`.
-    box: tuple[int, int, int, int] | None = None
+    # A clean tiny scan's ink levels on its own pixels (see _source_soft), which the layout reads
+    # in place of `soft`; None for any other image.
+    source: np.ndarray | None = None
 
 
 def _resize(a: np.ndarray, shape: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -422,8 +422,8 @@ def _to_working_size(grey: np.ndarray) -> tuple[np.ndarray, bool]:
         return grey, False
     up = (max(1, round(h * f)), max(1, round(w * f)))
     # Lanczos, not bilinear: it keeps the shape of strokes a few pixels wide (scikit-learn's 8x8
-    # digits read about 2 points better with it). A clean scan's box is measured on its own
-    # pixels, not on this copy (_source_box).
+    # digits read about 2 points better with it). A clean scan's digit is read from its own
+    # pixels, not from this copy (_source_soft).
     return np.clip(_resize(grey, up, Image.Resampling.LANCZOS), 0.0, 1.0), True
 
 
@@ -1025,11 +1025,10 @@ def _segment(grey: np.ndarray) -> _Ink:
     inked = np.sort(raw[mask])
     level = float(_percentile_sorted(inked, 90))
     reach = max(1, round(short / 100.0))
-    # A clean tiny scan (upsampled, paper noise under _CLEAN_NOISE of the contrast): its grey levels
-    # are the pen's coverage of each source pixel, and its strokes are only a few of them wide, so
-    # it loses less of its faint edges (half the usual floor). Cutting the full floor thins them;
-    # keeping every level (floor at the paper) leaves soft halos that a network trained on MNIST
-    # alone misreads (scikit-learn's digits, benchmarks/read_forms.py, see _CLEAN_FLOOR).
+    # A clean scan (upsampled, paper noise under _CLEAN_NOISE of the contrast) is read from its own
+    # pixels (_source_soft). Its working levels serve split_digits, and lose less of their faint
+    # edges (half the usual floor): its strokes are only a few source pixels wide, and cutting the
+    # full floor thins them.
     clean = upsampled and noise <= _CLEAN_NOISE * (level - med)
     cut = _CLEAN_FLOOR if clean else _SOFT_FLOOR
     floor = max(med + 2.0 * noise, med + cut * (level - med))
@@ -1038,39 +1037,40 @@ def _segment(grey: np.ndarray) -> _Ink:
         gate &= ~_dilate3(lines, reach)
     soft = np.clip((raw - floor) / max(level - floor, 1e-6), 0.0, 1.0)
     soft[~gate] = 0.0
-    box = None
-    if clean:
-        source = grey if light else 1.0 - grey
-        box = _source_box(source, background, gate, pad, med + 2.0 * noise, level)
+    source = None
+    if clean:  # its paper's noise above the paper's level is no ink
+        source = _source_soft(grey if light else 1.0 - grey, background, gate, lines, pad, med + 2.0 * noise, level)
     return _Ink(soft=soft.astype(np.float32, copy=False), mask=mask, labels=labels.astype(np.int32, copy=False),
-                count=int(count), box=box)
+                count=int(count), source=source)
 
 
-def _source_box(source: np.ndarray, background: np.ndarray, gate: np.ndarray, pad: int, floor: float,
-                level: float) -> tuple[int, int, int, int] | None:
-    """The box of a clean tiny scan's ink, measured on its own pixels and given in working pixels.
+def _source_soft(source: np.ndarray, background: np.ndarray, gate: np.ndarray, lines: np.ndarray | None,
+                 pad: int, paper: float, level: float) -> np.ndarray | None:
+    """A clean tiny scan's ink on its own pixels: 0 at the `paper` level, 1 at the ink's; None if none.
 
-    `source` is the scan (ink high) before upsampling; `background` and `gate` (where kept ink
-    may lie) are at working size with a margin of `pad` pixels on every side. A source pixel
-    the pen crossed only in part is faint, and the floor of the soft levels cuts it from the
-    interpolated copy: the box taken there is short of a part of a pixel on every side, which
-    for an 8x8 scan is an eighth of the digit, and the digit comes out too large. Counted whole
-    here, as the classic normalization counts it (the box of every inked source pixel), the
-    digit keeps its true size: scikit-learn's 8x8 digits 98.00 -> 98.22% with the fast network
-    trained with the capture augmentation, 94.38 -> 94.60% without it (98.11 / 91.82% normalized
-    by hand; benchmarks/read_forms.py).
+    `source` is the scan (ink high) before upsampling; `background`, `gate` (where kept ink may
+    lie: the digit, without specks or form lines) and `lines` (a form's, or None) are at working
+    size with a margin of `pad` pixels on every side. Each level of such a scan is the share of its pixel that the pen
+    covered. Interpolated up, cut at a floor and scaled back down, a stroke one or two pixels
+    wide loses its faint pixels: the digit comes out thinner, and its box, short of part of a
+    pixel on each side (an eighth of an 8 px digit), makes it too large. Read here as the
+    classic normalization reads it (every level above the paper; the box of every inked pixel),
+    8 px digits read as well as normalized by hand: MNIST test digits at 8 px 98.8 -> 99.2%,
+    scikit-learn's digits 98.11 -> 98.27% (the headline ResNet; benchmarks/read_forms.py).
     """
     h, w = source.shape
     rows, cols = background.shape
     inner = (slice(pad, rows - pad), slice(pad, cols - pad))
     bg = _resize(background[inner], (h, w), Image.Resampling.BOX)
     near = _resize(gate[inner].astype(np.float32), (h, w), Image.Resampling.BOX) > 0
-    b = _bbox((source - bg > floor + _BBOX_EPS * (level - floor)) & near)
-    if b is None:
-        return None
-    sy, sx = (rows - 2 * pad) / h, (cols - 2 * pad) / w
-    return (pad + math.floor(b[0] * sy), min(rows, pad + math.ceil(b[1] * sy)),
-            pad + math.floor(b[2] * sx), min(cols, pad + math.ceil(b[3] * sx)))
+    # A faint pixel beside a kept one is the edge of its stroke, unless a form's line lies there.
+    grown = _dilate3(near)
+    if lines is not None:
+        grown &= ~(_resize(lines[inner].astype(np.float32), (h, w), Image.Resampling.BOX) > 0)
+    near |= grown
+    soft = np.clip((source - bg - paper) / max(level - paper, 1e-6), 0.0, 1.0)
+    soft[~near] = 0.0
+    return soft.astype(np.float32, copy=False) if float(soft.max()) > _BBOX_EPS else None
 
 
 # --------------------------------------------------------------------------- MNIST layout
@@ -1103,9 +1103,9 @@ def _stroke_width(mask: np.ndarray) -> float:
     return area / max(boundary / 2.0, 1.0)
 
 
-def _layout(soft: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Crops the ink (to `box` if given), scales its longer side to 20 px and centres it by mass in 28x28."""
-    box = box or _bbox(soft > _BBOX_EPS)
+def _layout(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Crops the ink, scales its longer side to 20 px and centres it by mass in 28x28."""
+    box = _bbox(soft > _BBOX_EPS)
     if box is None:
         raise NoInkError(
             "no ink found after cleaning; photograph darker, thicker strokes under even light"
@@ -1228,7 +1228,9 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
     if mnist:
         return np.ascontiguousarray(grey, dtype=np.float32)
     ink = _segment(grey)
-    return _layout(ink.soft, ink.mask, ink.box)
+    if ink.source is not None:
+        return _layout(ink.source, ink.source > _BBOX_EPS)
+    return _layout(ink.soft, ink.mask)
 
 
 # --------------------------------------------------------------------------- numbers
