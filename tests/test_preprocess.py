@@ -709,7 +709,7 @@ def test_a_tiny_one_two_pixels_wide_and_all_stroke_is_read_as_a_stroke():
 
 def test_most_tiny_noise_is_still_refused():
     # An 8x8 image of noise can look like a digit by chance; most must not (1,000 seeds on the
-    # same path: 89% refused before pixels two apart were looked at, 85% after).
+    # same path: 89.7% refused before pixels two apart were looked at, 89.1% after).
     rng = np.random.default_rng(7)
     refused = 0
     for _ in range(200):
@@ -717,7 +717,7 @@ def test_most_tiny_noise_is_still_refused():
             to_mnist((rng.random((8, 8)) * 255).astype(np.uint8))
         except NoInkError:
             refused += 1
-    assert refused >= 0.78 * 200
+    assert refused >= 0.82 * 200
     for _ in range(20):
         with pytest.raises(NoInkError, match="noise"):
             to_mnist((rng.random((16, 16)) * 255).astype(np.uint8))

@@ -112,7 +112,7 @@ _OPEN_EDGES = 0.5  # a frame of two lines: the open edges hold less than this sh
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _STRIP = (8, 32)  # a scan 2 px across and 8-32 px long is one stroke of a tiny "1", no paper
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less ...
-_MIN_ALTERNATION = 0.3  # ... and whose pixels two apart anti-correlate less than this is noise
+_MIN_ALTERNATION = 0.25  # ... and whose pixels two apart are opposed less than this is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
 _LINE_COVER = 0.9  # a form line covers this share of the ink's extent along it ...
 _LINE_THIN = 0.08  # ... is at most this share of the extent across it thick ...
@@ -684,7 +684,7 @@ def _neighbour_correlation(a: np.ndarray) -> float:
 
 
 def _alternation(a: np.ndarray) -> float:
-    """How strongly pixels two apart, down or across, are opposed: minus their lower correlation.
+    """How strongly pixels two apart are opposed: minus their mean correlation down and across.
 
     A digit drawn with strokes one pixel wide (an "8" in 8x5 px: stroke, paper, stroke) has
     neighbours as unrelated as noise's, but a stroke two pixels on is paper and the next is
@@ -696,7 +696,7 @@ def _alternation(a: np.ndarray) -> float:
     if var < 1e-12 or min(a.shape) < 3:
         return 0.0
     down, across = d[2:] * d[:-2], d[:, 2:] * d[:, :-2]
-    return -min(float(down.sum()) / down.size, float(across.sum()) / across.size) / var
+    return -0.5 * (float(down.sum()) / down.size + float(across.sum()) / across.size) / var
 
 
 def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
