@@ -112,7 +112,8 @@ _OPEN_EDGES = 0.5  # a frame of two lines: the open edges hold less than this sh
 _MARGIN = 0.25  # paper added around a tight crop, as a fraction of its longer side
 _STRIP = (8, 32)  # a scan 2 px across and 8-32 px long is one stroke of a tiny "1", no paper
 _MIN_CORRELATION = 0.2  # a small image whose neighbouring pixels correlate less ...
-_MIN_ALTERNATION = 0.25  # ... and whose pixels two apart are opposed less than this is noise
+_MIN_ALTERNATION = 0.25  # ... whose pixels two apart are opposed less than this ...
+_MIN_STRUCTURE = 0.3  # ... and for which the two together make less than this is noise
 _MAX_COMPONENTS = 2000  # more separate marks than this is noise or texture, not digits
 _LINE_COVER = 0.9  # a form line covers this share of the ink's extent along it ...
 _LINE_THIN = 0.08  # ... is at most this share of the extent across it thick ...
@@ -683,6 +684,15 @@ def _neighbour_correlation(a: np.ndarray) -> float:
     return max(float(across.sum()) / across.size, float(along.sum()) / along.size) / var
 
 
+def _looks_like_noise(a: np.ndarray) -> bool:
+    """Whether a small image's pixels are as unrelated as noise's, one apart and two apart."""
+    near = _neighbour_correlation(a)
+    if near >= _MIN_CORRELATION:
+        return False
+    apart = _alternation(a)
+    return apart < _MIN_ALTERNATION and near + apart < _MIN_STRUCTURE
+
+
 def _alternation(a: np.ndarray) -> float:
     """How strongly pixels two apart are opposed: minus their mean correlation down and across.
 
@@ -950,8 +960,7 @@ def _segment(grey: np.ndarray) -> _Ink:
     if grey.size > _REPLICATION_PIXELS:  # not looked at by _source_pixels: at working size here
         g = _strip_frame(g)
     grey, g = _stretch_faint(grey, g, upsampled)
-    if (upsampled and _neighbour_correlation(grey) < _MIN_CORRELATION
-            and _alternation(grey) < _MIN_ALTERNATION):
+    if upsampled and _looks_like_noise(grey):
         raise NoInkError(
             "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
             "pass an image of a handwritten digit"
