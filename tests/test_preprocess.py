@@ -707,6 +707,28 @@ def test_a_tiny_one_two_pixels_wide_and_all_stroke_is_read_as_a_stroke():
         to_mnist(np.full((8, 2), 200, np.uint8))
 
 
+# MNIST test digit 601, a "1", as tests.support.forms renders it at 8 px: every pixel is stroke.
+_TIGHT8_ONE = [[187, 137], [189, 137], [173, 182], [176, 178], [176, 152], [176, 134], [179, 130], [142, 129]]
+
+
+def test_an_enlarged_tiny_one_that_is_all_stroke_is_read_as_a_stroke():
+    # Enlarged 2x or 4x (bilinear), the strip is 4 and 8 px wide and still all stroke: the path
+    # found no ink, taking the stroke for its paper (before: "no ink found" for both polarities).
+    one = np.array(_TIGHT8_ONE, np.uint8)
+    for k in (1, 2, 4):
+        big = np.asarray(Image.fromarray(one).resize((2 * k, 8 * k), Image.Resampling.BILINEAR))
+        for image in (big, 255 - big):
+            out = to_mnist(image)
+            assert corr(out, forms.classic_normalize(big)) > 0.99, k
+            height, width = ink_box(out, 0.3)
+            assert height >= 18 and width <= 6, k
+    # A narrow crop with no stroke in it keeps the reason it was refused for.
+    with pytest.raises(NoInkError, match="no ink"):
+        to_mnist(np.full((32, 8), 90, np.uint8))
+    with pytest.raises(NoInkError, match="noise"):
+        to_mnist((np.random.default_rng(3).random((32, 8)) * 255).astype(np.uint8))
+
+
 def test_most_tiny_noise_is_still_refused():
     # An 8x8 image of noise can look like a digit by chance; most must not (1,000 seeds on the
     # same path: 89.7% refused before pixels two apart were looked at, 86.5% after).

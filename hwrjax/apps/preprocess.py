@@ -933,10 +933,17 @@ def _stretch_faint(grey: np.ndarray, g: np.ndarray, upsampled: bool) -> tuple[np
     return (grey - lo) / span, np.clip((g - lo) / span, 0.0, 1.0)
 
 
-def _strip_on_paper(grey: np.ndarray) -> tuple[np.ndarray, bool] | None:
-    """A scan 2 px across and 8-32 px long put on paper, and whether its ink is light; else None.
+def _narrow(grey: np.ndarray) -> bool:
+    """A small crop at least 4x as long as it is wide (at most 8 working sides long, under one wide)."""
+    short, long = sorted(grey.shape)
+    return 4 * short <= long <= 8 * MIN_WORK_SIDE and short < MIN_WORK_SIDE
 
-    Such a crop is one stroke along its length (a tight "1" from an 8 px scan), and the stroke
+
+def _strip_on_paper(grey: np.ndarray, narrow: bool = False) -> tuple[np.ndarray, bool] | None:
+    """A strip of stroke put on paper, and whether its ink is light; else None.
+
+    A scan 2 px across and 8-32 px long (a tight "1" from an 8 px scan), or with `narrow` any
+    crop 4x as long as it is wide (the same "1" enlarged), is one stroke along its length that
     fills it from side to side: the ring that shows the paper around any other digit is all
     stroke, and the background found under it is the stroke itself. The ink is the level most
     of it holds (the side of the middle of its range that its median lies on), and the paper,
@@ -945,7 +952,12 @@ def _strip_on_paper(grey: np.ndarray) -> tuple[np.ndarray, bool] | None:
     """
     short, long = sorted(grey.shape)
     lo, hi = float(grey.min()), float(grey.max())
-    if short != 2 or not _STRIP[0] <= long <= _STRIP[1] or hi - lo < _MIN_CONTRAST:
+    if narrow:
+        if not _narrow(grey):
+            return None
+    elif short != 2 or not _STRIP[0] <= long <= _STRIP[1]:
+        return None
+    if hi - lo < _MIN_CONTRAST:
         return None
     light = float(np.median(grey)) > 0.5 * (lo + hi)
     pad = long // 4
@@ -954,8 +966,12 @@ def _strip_on_paper(grey: np.ndarray) -> tuple[np.ndarray, bool] | None:
     return out, light
 
 
-def _segment(grey: np.ndarray) -> _Ink:
-    """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels."""
+def _segment(grey: np.ndarray, narrow: bool = False) -> _Ink:
+    """Finds the ink: polarity, margin, background removal, Otsu, form lines, specks, soft levels.
+
+    `narrow`: a small crop 4x as long as it is wide is taken for a stroke that fills it
+    (_strip_on_paper), as when it was refused for showing no ink.
+    """
     g, upsampled = _to_working_size(grey)
     if grey.size > _REPLICATION_PIXELS:  # not looked at by _source_pixels: at working size here
         g = _strip_frame(g)
@@ -965,7 +981,7 @@ def _segment(grey: np.ndarray) -> _Ink:
             "no digit found: the image looks like noise (neighbouring pixels are unrelated); "
             "pass an image of a handwritten digit"
         )
-    strip = _strip_on_paper(grey) if upsampled else None
+    strip = _strip_on_paper(grey, narrow) if upsampled else None
     if strip is None:
         light = _ink_is_light(g, tiny=max(grey.shape) <= _TINY)
     else:
@@ -1236,7 +1252,18 @@ def to_mnist(image: np.ndarray) -> np.ndarray:
         mnist = is_mnist_form(grey)
     if mnist:
         return np.ascontiguousarray(grey, dtype=np.float32)
-    ink = _segment(grey)
+    try:
+        ink = _segment(grey)
+    except NoInkError as refused:
+        # A small crop 4x as long as it is wide whose stroke fills it shows no paper: what the
+        # path took for paper was the stroke. Read again as a stroke on paper (a tight "1"
+        # enlarged from an 8 px scan); if that finds nothing either, the first reason stands.
+        if not _narrow(grey):
+            raise
+        try:
+            ink = _segment(grey, narrow=True)
+        except NoInkError:
+            raise refused from None
     if ink.source is not None:
         return _layout(ink.source, ink.source > _BBOX_EPS)
     return _layout(ink.soft, ink.mask)
