@@ -104,7 +104,7 @@ _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
 _FLAT_TOLERANCE = 0.03  # levels within this share of the range from its end count as lying flat there
-_TINY = 8  # a scan at most this many px on a side has strokes one pixel wide
+_SQUAT = 3  # a small crop less than this many times as long as it is wide: no narrow "1"
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
 _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame)
 _OPEN_EDGE = 0.05  # a frame of one line: the other edges hold at most this share of its class
@@ -575,7 +575,7 @@ def _erode3(mask: np.ndarray) -> np.ndarray:
     return rows[:, :-2] & rows[:, 1:-1] & rows[:, 2:]
 
 
-def _ink_is_light(grey: np.ndarray, tiny: bool = False) -> bool:
+def _ink_is_light(grey: np.ndarray, small: bool = False) -> bool:
     """True for light ink on dark paper (MNIST polarity), False for dark ink on light.
 
     The paper is what most of the border ring shows: a photo's margin, or the background
@@ -584,8 +584,9 @@ def _ink_is_light(grey: np.ndarray, tiny: bool = False) -> bool:
     the ring lies past the middle between paper and ink (a tight crop whose strokes run
     along its edges) the ring cannot tell, unless one edge is a solid line and the three
     others show the paper; else the ink is the side cut into fewer pieces, or covering less
-    of the image; in a `tiny` scan (at most _TINY px on a side) where the two disagree, the side
-    that lies flat at its end of the scale, as blank paper does, is the paper.
+    of the image; in a `small` scan (upsampled, under _SQUAT times as long as it is wide) where
+    the two disagree, the side that lies flat at its end of the scale, as blank paper does, is
+    the paper.
     """
     h, w = grey.shape
     smooth = _gaussian(grey, 1.0) if min(h, w) >= 8 else grey
@@ -617,10 +618,12 @@ def _ink_is_light(grey: np.ndarray, tiny: bool = False) -> bool:
         if pieces[0] == pieces[1]:
             return less
         fewer = pieces[0] < pieces[1]
-        if tiny and fewer != less:
-            # In a scan of 8 px a stroke is one pixel wide and breaks where it crosses pixels
-            # at a slant, so the count of pieces misleads; the paper a digital scan leaves
-            # blank lies flat at one end of the scale, where a stroke's levels vary.
+        if small and fewer != less:
+            # In a scan of 8 px (or one enlarged from it) a stroke is a pixel wide and breaks
+            # where it crosses pixels at a slant, so the count of pieces misleads; the paper a
+            # digital scan leaves blank lies flat at one end of the scale, where a stroke's
+            # levels vary. Not in a narrow crop, where a "1" may fill most of it and its
+            # saturated core lies flat too.
             flat = _flat_end(grey)
             if flat is not None:
                 return flat
@@ -983,7 +986,8 @@ def _segment(grey: np.ndarray, narrow: bool = False) -> _Ink:
         )
     strip = _strip_on_paper(grey, narrow) if upsampled else None
     if strip is None:
-        light = _ink_is_light(g, tiny=max(grey.shape) <= _TINY)
+        short, long = sorted(grey.shape)
+        light = _ink_is_light(g, small=upsampled and long < _SQUAT * short)
     else:
         grey, light = strip
         g, _ = _to_working_size(grey)
