@@ -3,7 +3,7 @@
 For tests and benchmarks of `hwrjax.apps.preprocess` beyond photos of paper: tight crops
 (the digit fills the frame and touches its edges) at 8-32 px, binarized, quantized to a
 few grey levels, stretched to fill a square box (aspect ratio lost), either polarity,
-upscaled with hard pixels, inside the box of a printed form, and with stains, specks and
+upscaled with hard pixels or smoothly, inside the box of a printed form, and with stains, specks and
 scanner noise. Every renderer takes a 28x28 MNIST digit (white ink on black, uint8 or
 [0, 1]) and a `np.random.Generator`, and returns a uint8 grey image, so the output is
 deterministic given the generator's state.
@@ -71,6 +71,16 @@ def _tight(size: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 def _inverted(render: Callable) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
     return lambda d, rng: 255 - render(d, rng)
+
+
+def _enlarged(render: Callable, k: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """A small scan enlarged k times with smooth (bilinear) interpolation, as a viewer or a set's
+    upscaled copy makes it: the pixels are not hard, so the enlargement cannot be undone."""
+    def enlarge(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        small = render(d, rng)
+        return np.asarray(Image.fromarray(small).resize((small.shape[1] * k, small.shape[0] * k),
+                                                        Image.Resampling.BILINEAR))
+    return enlarge
 
 
 def _binary(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -168,6 +178,7 @@ FORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "tight16": _tight(16),
     "tight24": _tight(24),
     "tight32": _tight(32),
+    "tight8_enlarged4": _enlarged(_tight(8), 4),
     "tight16_dark_ink": _inverted(_tight(16)),
     "binary16": _binary,
     "binary16_dark_ink": _inverted(_binary),
