@@ -15,11 +15,14 @@ Pipeline (`to_mnist`):
      about `WORK_PIXELS` pixels for segmentation, tiny ones (8x8 and up)
      upsampled to `MIN_WORK_SIDE`; a faint digital image (its paper one exact
      value at an end of a narrow range: levels 0..16 stored unscaled) is
-     stretched to the full range;
+     stretched to the full range; a tiny image whose pixels are unrelated
+     one apart and two apart is refused as noise;
   2. polarity: the paper is taken to be the median of a thin border ring; the
      ink is the side (darker or lighter) with the larger extreme deviation; a
-     tight crop, whose ring is partly ink, is judged by its pieces instead,
-     and gets a margin of paper;
+     tight crop, whose ring is partly ink, is judged by its pieces instead
+     (a small scan whose pieces and area disagree by its flat paper), and
+     gets a margin of paper; a strip of stroke with no paper in it (a tight
+     "1" from an 8 px scan) is put on paper;
   3. background removal: a grey-level morphological opening of the
      ink-positive image (window = half the shorter side) follows smooth
      lighting gradients but not strokes; it is subtracted;
@@ -27,7 +30,8 @@ Pipeline (`to_mnist`):
      copy gives the ink mask; connected components much smaller than the
      largest are dropped as specks; too little contrast raises `NoInkError`;
   5. grey levels are kept: the ink strength is rescaled so stroke cores are
-     ~1.0, zeroed outside a slightly dilated mask;
+     ~1.0, zeroed outside a slightly dilated mask; a clean (noiseless) small
+     scan takes them from its own pixels, as the classic normalization does;
   6. very thin strokes (below ~1.5 px once scaled to 20 px) are thickened;
   7. crop to the ink bounding box, resize the longer side to 20 px with
      Lanczos, paste into 28x28 by centre of mass.
