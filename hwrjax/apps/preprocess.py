@@ -107,7 +107,8 @@ _CLEAN_FLOOR = 0.075  # ... and has this share of its paper-to-ink range cut, no
 _FAINT_SPAN = 0.125  # a digital image spanning less than this share of the full scale ...
 _MIN_SPAN = 1e-3  # ... and more than this (a quarter of an 8-bit level; less is round-off) ...
 _FLAT_PAPER = 0.25  # ... whose lowest or highest value lies on this share of its pixels is stretched
-_FLAT_TOLERANCE = 0.03  # levels within this share of the range from its end count as lying flat there
+_FLAT_TOLERANCE = 0.03  # _flat_end: levels this near an end of the range lie flat; the paper's end holds
+_FLAT_OTHER = 0.25  # ... _FLAT_PAPER of the pixels or more, and the other end at most this share of that
 _SQUAT = 3  # a small crop less than this many times as long as it is wide: no narrow "1"
 _FRAME_FULL = 0.9  # an edge line this much of one class is a line of a frame ...
 _FRAME_DEPTH = 0.15  # ... within this outer share of the shorter side (_strip_frame)
@@ -641,9 +642,9 @@ def _flat_end(a: np.ndarray) -> bool | None:
     lo, hi = float(a.min()), float(a.max())
     tol = _FLAT_TOLERANCE * (hi - lo)
     dark, bright = _share(a <= lo + tol), _share(a >= hi - tol)
-    if dark >= _FLAT_PAPER and bright <= _FLAT_PAPER * dark:
+    if dark >= _FLAT_PAPER and bright <= _FLAT_OTHER * dark:
         return True
-    if bright >= _FLAT_PAPER and dark <= _FLAT_PAPER * bright:
+    if bright >= _FLAT_PAPER and dark <= _FLAT_OTHER * bright:
         return False
     return None
 
@@ -678,12 +679,19 @@ def _otsu(values: np.ndarray, bins: int = 256) -> float:
     return lo + (int(between.argmax()) + 1) * width
 
 
-def _neighbour_correlation(a: np.ndarray) -> float:
-    """Correlation of horizontally and vertically adjacent pixels (1 for a flat image)."""
+def _centred(a: np.ndarray) -> tuple[np.ndarray, float]:
+    """`a` (float64) less its mean, and its variance."""
     # np.mean's results, bit for bit, without its per-call cost: the sum in the array's dtype over the
     # count, rounded back to that dtype.
     d = a.astype(np.float64) - float(a.dtype.type(float(a.sum()) / a.size))
-    var = float((d * d).sum()) / d.size
+    return d, float((d * d).sum()) / d.size
+
+
+def _neighbour_correlation(a: np.ndarray, centred: tuple[np.ndarray, float] | None = None) -> float:
+    """Correlation of horizontally and vertically adjacent pixels (1 for a flat image).
+
+    `centred` is `_centred(a)`, when the caller has it already."""
+    d, var = centred or _centred(a)
     if var < 1e-12 or min(a.shape) < 2:
         return 1.0
     # The larger of the two: a thin vertical "1" is unrelated across its 3 px, not along them.
@@ -691,29 +699,36 @@ def _neighbour_correlation(a: np.ndarray) -> float:
     return max(float(across.sum()) / across.size, float(along.sum()) / along.size) / var
 
 
-def _looks_like_noise(a: np.ndarray) -> bool:
-    """Whether a small image's pixels are as unrelated as noise's, one apart and two apart."""
-    near = _neighbour_correlation(a)
-    if near >= _MIN_CORRELATION:
-        return False
-    apart = _alternation(a)
-    return apart < _MIN_ALTERNATION and near + apart < _MIN_STRUCTURE
-
-
-def _alternation(a: np.ndarray) -> float:
+def _alternation(a: np.ndarray, centred: tuple[np.ndarray, float] | None = None) -> float:
     """How strongly pixels two apart are opposed: minus their mean correlation down and across.
 
     A digit drawn with strokes one pixel wide (an "8" in 8x5 px: stroke, paper, stroke) has
     neighbours as unrelated as noise's, but a stroke two pixels on is paper and the next is
     stroke again; noise's pixels are as unrelated two apart as one apart. 0 for a flat image
-    or one under 3 px on a side.
+    or one under 3 px on a side. `centred` is `_centred(a)`, when the caller has it already.
     """
-    d = a.astype(np.float64) - float(a.dtype.type(float(a.sum()) / a.size))
-    var = float((d * d).sum()) / d.size
+    d, var = centred or _centred(a)
     if var < 1e-12 or min(a.shape) < 3:
         return 0.0
     down, across = d[2:] * d[:-2], d[:, 2:] * d[:, :-2]
     return -0.5 * (float(down.sum()) / down.size + float(across.sum()) / across.size) / var
+
+
+def _looks_like_noise(a: np.ndarray) -> bool:
+    """Whether a small image's pixels are as unrelated as noise's, one apart and two apart."""
+    centred = _centred(a)
+    near = _neighbour_correlation(a, centred)
+    if near >= _MIN_CORRELATION:
+        return False
+    apart = _alternation(a, centred)
+    return apart < _MIN_ALTERNATION and near + apart < _MIN_STRUCTURE
+
+
+def _on_paper(a: np.ndarray, pad: int, paper: float) -> np.ndarray:
+    """`a` inside a margin of `pad` pixels of `paper` on every side (np.pad's result, without its overhead)."""
+    out = np.full((a.shape[0] + 2 * pad, a.shape[1] + 2 * pad), paper, a.dtype)
+    out[pad:-pad, pad:-pad] = a
+    return out
 
 
 def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
@@ -739,9 +754,7 @@ def _add_margin(ink_pos: np.ndarray) -> np.ndarray:
     # Relative to the longer side, but at most 4x the shorter one: a 2x5000 line must not
     # grow a margin of thousands of pixels on every side.
     pad = round(_MARGIN * min(max(h, w), 4 * min(h, w))) + 2
-    out = np.full((h + 2 * pad, w + 2 * pad), paper, ink_pos.dtype)  # np.pad's result, without its overhead
-    out[pad:-pad, pad:-pad] = ink_pos
-    return out
+    return _on_paper(ink_pos, pad, paper)
 
 
 def _line_bands(mask: np.ndarray, axis: int, box: tuple[int, int, int, int]) -> list[tuple[int, int, str]]:
@@ -967,10 +980,7 @@ def _strip_on_paper(grey: np.ndarray, narrow: bool = False) -> tuple[np.ndarray,
     if hi - lo < _MIN_CONTRAST:
         return None
     light = float(np.median(grey)) > 0.5 * (lo + hi)
-    pad = long // 4
-    out = np.full((grey.shape[0] + 2 * pad, grey.shape[1] + 2 * pad), 0.0 if light else 1.0, grey.dtype)
-    out[pad:-pad, pad:-pad] = grey
-    return out, light
+    return _on_paper(grey, long // 4, 0.0 if light else 1.0), light
 
 
 def _segment(grey: np.ndarray, narrow: bool = False) -> _Ink:
@@ -990,8 +1000,7 @@ def _segment(grey: np.ndarray, narrow: bool = False) -> _Ink:
         )
     strip = _strip_on_paper(grey, narrow) if upsampled else None
     if strip is None:
-        short, long = sorted(grey.shape)
-        light = _ink_is_light(g, small=upsampled and long < _SQUAT * short)
+        light = _ink_is_light(g, small=upsampled and max(grey.shape) < _SQUAT * min(grey.shape))
     else:
         grey, light = strip
         g, _ = _to_working_size(grey)
@@ -1083,25 +1092,29 @@ def _source_soft(source: np.ndarray, background: np.ndarray, gate: np.ndarray, l
 
     `source` is the scan (ink high) before upsampling; `background`, `gate` (where kept ink may
     lie: the digit, without specks or form lines) and `lines` (a form's, or None) are at working
-    size with a margin of `pad` pixels on every side. Each level of such a scan is the share of its pixel that the pen
-    covered. Interpolated up, cut at a floor and scaled back down, a stroke one or two pixels
-    wide loses its faint pixels: the digit comes out thinner, and its box, short of part of a
-    pixel on each side (an eighth of an 8 px digit), makes it too large. Read here as the
-    classic normalization reads it (every level above the paper; the box of every inked pixel),
-    8 px digits read as well as normalized by hand: MNIST test digits at 8 px 98.8 -> 99.2%,
-    scikit-learn's digits 98.11 -> 98.27% (the headline ResNet; benchmarks/read_forms.py).
+    size with a margin of `pad` pixels on every side. Each level of such a scan is the share of
+    its pixel that the pen covered. Interpolated up, cut at a floor and scaled back down, a
+    stroke one or two pixels wide loses its faint pixels: the digit comes out thinner, and its
+    box, short of part of a pixel on each side (an eighth of an 8 px digit), makes it too large.
+    Read here as the classic normalization reads it (every level above the paper; the box of
+    every inked pixel), 8 px digits read as well as normalized by hand: MNIST test digits at
+    8 px 98.8 -> 99.1%, scikit-learn's digits 98.11 -> 98.27% (the headline ResNet;
+    benchmarks/read_forms.py).
     """
     h, w = source.shape
     rows, cols = background.shape
     inner = (slice(pad, rows - pad), slice(pad, cols - pad))
-    bg = _resize(background[inner], (h, w), Image.Resampling.BOX)
-    near = _resize(gate[inner].astype(np.float32), (h, w), Image.Resampling.BOX) > 0
+
+    def reduced(a: np.ndarray) -> np.ndarray:  # a working-size array on the scan's pixels
+        return _resize(a[inner].astype(np.float32, copy=False), (h, w), Image.Resampling.BOX)
+
+    near = reduced(gate) > 0
     # A faint pixel beside a kept one is the edge of its stroke, unless a form's line lies there.
     grown = _dilate3(near)
     if lines is not None:
-        grown &= ~(_resize(lines[inner].astype(np.float32), (h, w), Image.Resampling.BOX) > 0)
+        grown &= ~(reduced(lines) > 0)
     near |= grown
-    soft = np.clip((source - bg - paper) / max(level - paper, 1e-6), 0.0, 1.0)
+    soft = np.clip((source - reduced(background) - paper) / max(level - paper, 1e-6), 0.0, 1.0)
     soft[~near] = 0.0
     return soft.astype(np.float32, copy=False) if float(soft.max()) > _BBOX_EPS else None
 
