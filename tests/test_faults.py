@@ -399,6 +399,23 @@ def test_fifo_is_skipped_not_opened(untrained_workdir, tmp_path):
     assert rows["a.png"]["error"] is None and len(rows["a.png"]["text"]) == 1
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_predict_onto_a_full_disk_says_so_in_one_line(untrained_workdir, tmp_path):
+    # Its table written where there is no room: one line naming the fault and the fix, exit code 1,
+    # not a traceback (before: "OSError: [Errno 28]" from sys.stdout.write).
+    digit = np.full((80, 60), 255, np.uint8)
+    digit[10:70, 26:34] = 0
+    Image.fromarray(digit).save(tmp_path / "a.png")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "hwrjax.cli", "predict", f"--workdir={untrained_workdir}",
+                               str(tmp_path / "a.png")], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("hwrjax predict: error")]
+    assert ours == ["hwrjax predict: error: cannot write its output: No space left on device; free some space "
+                    "there (or send the output elsewhere) and rerun"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
 def test_evaluate_of_a_read_only_workdir_writes_beside_output(tmp_path, trained_workdir):
     workdir = trained_workdir  # a copy of the session's trained run (tests/conftest.py)
     if os.geteuid() == 0:  # root writes through permissions: make a read-only mount of a copy instead

@@ -7,8 +7,13 @@ hwrjax.cli.training is launch.py's side.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
+
+# A write that fails for want of room: a full disk or quota, or a file past its size limit.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Subcommand -> "module:function"; each function takes the remaining argv and returns an exit code.
 COMMANDS = {
@@ -49,5 +54,26 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"hwrjax: command {name!r} is not available in this version\n")
             return 2
         raise
-    return int(getattr(module, func_name)(rest) or 0)
+    try:
+        code = int(getattr(module, func_name)(rest) or 0)
+        sys.stdout.flush()  # here, so that a full disk under the output is reported like any other
+        return code
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        _drop_stdout()
+        where = e.filename or "its output"
+        sys.stderr.write(f"hwrjax {name}: error: cannot write {where}: {e.strerror}; free some space there "
+                         "(or send the output elsewhere) and rerun\n")
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Points stdout at the null device, so what it still holds is not written again at exit."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # stdout is no file (captured, replaced)
+        pass
 
